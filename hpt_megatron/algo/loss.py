@@ -1,0 +1,141 @@
+"""The UPGE loss: compose each term's four parts into a per-token surrogate, reduce with global
+counts, add the entropy bonus and the KL penalty.
+
+Per token of a term (sg = stop-gradient):
+    r       = exp(log f(pi) - sg(log pi_ref))              gradient f'(pi) grad(pi) / pi_ref
+    loss_t  = -coef_row * weight_row * A_t * 1_stable_t * r
+so d loss / d theta = -coef_row * weight_row * A_t * 1_stable_t * f'(pi) grad(pi) / pi_ref: Table 1.
+For pi_ref = pi_theta the reported value is log f(pi) (the NLL for SFT) instead of the constant 1.
+
+All metrics are divided by the same global counts, so summing them over micro-batches and
+data-parallel ranks gives the mini-batch value (keys ending in ``_max`` reduce by max instead).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from hpt_megatron.algo.masks import MAX_LOG_RATIO, MaskContext
+from hpt_megatron.algo.spec import AlgoConfig, KLPenalty, Term
+from hpt_megatron.algo.types import Counts, LossInputs
+
+ALL = "all"
+
+
+def count_rows(algo: AlgoConfig, source_B: Tensor, mask_BT: Tensor) -> Counts:
+    """This micro-batch's token/row counts per term (and for all rows); sum them over the
+    mini-batch and all-reduce over data-parallel ranks to get the global ``Counts``."""
+    m = mask_BT.double()
+    tokens, seqs = {ALL: float(m.sum())}, {ALL: float((m.sum(-1) > 0).sum())}
+    for name, term in algo.terms.items():
+        rows = torch.isin(source_B, torch.tensor(term.source_ids(), device=source_B.device))
+        tm = m * rows[:, None]
+        tokens[name] = float(tm.sum())
+        seqs[name] = float((tm.sum(-1) > 0).sum())
+    return Counts(tokens=tokens, seqs=seqs)
+
+
+def _term_mask(term: Term, x: LossInputs) -> Tensor:
+    ids = torch.tensor(term.source_ids(), device=x.source_B.device)
+    rows = torch.isin(x.source_B, ids)
+    return x.mask_BT.to(x.logp_BT.dtype) * rows[:, None]
+
+
+def term_loss(name: str, term: Term, x: LossInputs, counts: Counts) -> tuple[Tensor, dict[str, Tensor]]:
+    m_BT = _term_mask(term, x)
+    real = m_BT.bool()
+    adv_BT = x.advantages[name].to(x.logp_BT.dtype) * term.weight(x.advantages[name], x.entropy_BT, m_BT)
+    ctx = MaskContext(logp_BT=x.logp_BT.detach(), old_logp_BT=x.old_logp_BT, adv_BT=adv_BT, mask_BT=m_BT)
+    mask_out = term.mask(ctx)
+    keep_BT, clipped_BT = mask_out.weight_BT, mask_out.clipped_BT
+
+    log_f = term.transform.log_f(x.logp_BT)
+    log_ref = term.ref.log_ref(x.logp_BT, x.old_logp_BT, m_BT)
+    diff = torch.where(real, log_f - log_ref, 0.0).clamp(max=MAX_LOG_RATIO)
+    r = torch.exp(diff)
+    surrogate = r - r.detach() + torch.where(real, log_f, 0.0).detach() if term.ref.log_likelihood_form else r
+
+    weighted = keep_BT * surrogate
+    if mask_out.dropped_value_BT is not None:
+        weighted = weighted + (1.0 - keep_BT) * mask_out.dropped_value_BT.detach()
+    per_tok = -(x.row_coef()[:, None] * adv_BT) * weighted
+    per_tok = torch.where(real, per_tok, 0.0)
+    n_tok, n_seq = counts.tokens.get(name, 0.0), counts.seqs.get(name, 0.0)
+    loss = term.coef * term.reduction(per_tok, m_BT, n_tok, n_seq)
+
+    denom = max(n_tok, 1.0)
+    metrics = {
+        f"loss/{name}": loss.detach(),
+        f"{name}/clip_frac": (clipped_BT.to(m_BT.dtype) * m_BT).sum() / denom,
+        f"{name}/nll": (-x.logp_BT.detach() * m_BT).sum() / denom,
+    }
+    if x.old_logp_BT is not None:
+        log_ratio = torch.where(real, x.logp_BT.detach() - x.old_logp_BT, 0.0)
+        metrics[f"{name}/ratio_mean"] = (torch.exp(log_ratio) * m_BT).sum() / denom
+        metrics[f"{name}/ratio_max"] = torch.where(real, torch.exp(log_ratio), 0.0).max()
+    return loss, metrics
+
+
+def kl_estimate(logp_BT: Tensor, ref_logp_BT: Tensor, estimator: str) -> Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from samples of pi."""
+    x = ref_logp_BT - logp_BT
+    if estimator == "k1":
+        return -x
+    if estimator == "k2":
+        return 0.5 * x.pow(2)
+    return torch.exp(x.clamp(max=MAX_LOG_RATIO)) - x - 1.0
+
+
+def _all_mean(v_BT: Tensor, x: LossInputs, counts: Counts) -> Tensor:
+    m = x.mask_BT.to(v_BT.dtype)
+    return (torch.where(m.bool(), v_BT, 0.0) * m).sum() / max(counts.tokens.get(ALL, 0.0), 1.0)
+
+
+def regularizers(entropy_coef: float, kl: KLPenalty, x: LossInputs, counts: Counts):
+    loss = x.logp_BT.new_zeros(())
+    metrics: dict[str, Tensor] = {}
+    if x.entropy_BT is not None:
+        entropy = _all_mean(x.entropy_BT, x, counts)
+        metrics["actor/entropy"] = entropy.detach()
+        if entropy_coef:
+            loss = loss - entropy_coef * entropy
+            metrics["loss/entropy_bonus"] = (-entropy_coef * entropy).detach()
+    if kl.coef:
+        if x.ref_logp_BT is None:
+            raise ValueError(
+                "algo.kl.coef > 0 needs reference-model log-probs (ref_logp_BT); none were given"
+            )
+        kl_mean = _all_mean(kl_estimate(x.logp_BT, x.ref_logp_BT, kl.estimator), x, counts)
+        loss = loss + kl.coef * kl_mean
+        metrics["actor/kl"] = kl_mean.detach()
+        metrics["loss/kl"] = (kl.coef * kl_mean).detach()
+    return loss, metrics
+
+
+def upge_loss(algo: AlgoConfig, x: LossInputs, counts: Counts) -> tuple[Tensor, dict[str, Tensor]]:
+    """Loss of one micro-batch, already divided by the global counts: sum it (and its gradient)
+    over micro-batches and data-parallel ranks to get the mini-batch loss."""
+    if algo.entropy_coef and x.entropy_BT is None:
+        raise ValueError("algo.entropy_coef != 0 needs the current policy's token entropy (entropy_BT)")
+    total = x.logp_BT.new_zeros(())
+    metrics: dict[str, Tensor] = {}
+    for name, term in algo.terms.items():
+        loss, m = term_loss(name, term, x, counts)
+        total = total + loss
+        metrics.update(m)
+    reg, m = regularizers(algo.entropy_coef, algo.kl, x, counts)
+    metrics.update(m)
+    total = total + reg
+    metrics["loss/total"] = total.detach()
+    return total, metrics
+
+
+def merge_metrics(parts: list[dict[str, Tensor]]) -> dict[str, float]:
+    """Combine micro-batch metrics: sum, or max for keys ending in ``_max``."""
+    out: dict[str, float] = {}
+    for part in parts:
+        for k, v in part.items():
+            v = float(v)
+            out[k] = max(out.get(k, v), v) if k.endswith("_max") else out.get(k, 0.0) + v
+    return out

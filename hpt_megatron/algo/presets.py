@@ -1,0 +1,210 @@
+"""Named algorithms: each preset is a composition of the four UPGE parts per term, a gate, and
+regularizers. ``list_presets()`` is what ``hpt-train --list-algorithms`` and the README table print.
+
+Where a preset follows a released implementation rather than a paper, its docstring says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from hpt_megatron.algo.advantages import GAE, GRPO, RLOO, Constant, EntropyScale, Reinforce, ReinforcePP
+from hpt_megatron.algo.denominators import CurrentPolicy, GSPORef, OldPolicy, One
+from hpt_megatron.algo.gate import HardSwitchGate, MixedGate, RLGate, SFTGate
+from hpt_megatron.algo.masks import CISPO, GSPOSeqClip, NoMask, PPOClip
+from hpt_megatron.algo.reductions import SeqMeanTokenMean, SeqMeanTokenSum, TokenMean, TokenSumOverConstant
+from hpt_megatron.algo.spec import AlgoConfig, Term
+from hpt_megatron.algo.transforms import PolicyShaping
+
+# The released HPT/LUFFY/SRFT code divides token sums by the padded response length, 8192.
+RELEASED_CONSTANT = 8192.0
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    summary: str
+    build: Callable[[], AlgoConfig]
+    # Defaults this preset sets outside ``algo`` (dotted keys); a recipe or CLI override wins.
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+PRESETS: dict[str, Preset] = {}
+
+
+def preset(name: str, summary: str, overrides: dict[str, Any] | None = None):
+    def wrap(fn: Callable[[], AlgoConfig]) -> Callable[[], AlgoConfig]:
+        if name in PRESETS:
+            raise ValueError(f"duplicate preset {name!r}")
+
+        def build() -> AlgoConfig:
+            cfg = fn()
+            cfg.preset = name
+            return cfg
+
+        PRESETS[name] = Preset(name, summary, build, dict(overrides or {}))
+        return fn
+
+    return wrap
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        import difflib
+
+        hint = difflib.get_close_matches(name, PRESETS, n=1)
+        did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+        raise ValueError(f"unknown algo.preset {name!r}{did_you_mean}; valid presets: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def list_presets() -> list[Preset]:
+    return list(PRESETS.values())
+
+
+def sft_term(coef: float = 1.0, sources: tuple[str, ...] = ("sft",), weight: Any = None) -> Term:
+    extra = {"weight": weight} if weight is not None else {}
+    return Term(sources=sources, mask=NoMask(), ref=CurrentPolicy(), advantage=Constant(), coef=coef, **extra)
+
+
+def clipped_rl_term(advantage: Any, reduction: Any, mask: Any = None) -> Term:
+    return Term(
+        sources=("rl",), mask=mask or PPOClip(), ref=OldPolicy(), advantage=advantage, reduction=reduction
+    )
+
+
+@preset("sft", "supervised fine-tuning on the demonstrations: -log pi, token mean")
+def _sft() -> AlgoConfig:
+    return AlgoConfig(terms={"sft": sft_term()}, gate=SFTGate())
+
+
+@preset("reinforce", "REINFORCE with +-1 rewards in log-likelihood form")
+def _reinforce() -> AlgoConfig:
+    term = Term(sources=("rl",), ref=CurrentPolicy(), advantage=Reinforce(mode="pm1"))
+    return AlgoConfig(terms={"rl": term}, gate=RLGate())
+
+
+@preset("ppo", "PPO: clipped ratio with GAE advantages (needs a value model, not yet provided)")
+def _ppo() -> AlgoConfig:
+    return AlgoConfig(terms={"rl": clipped_rl_term(GAE(gamma=1.0, lam=0.95, whiten=True), TokenMean())})
+
+
+@preset(
+    "grpo", "GRPO: clipped ratio, group-normalised advantage (mean and std), sequence mean of token means"
+)
+def _grpo() -> AlgoConfig:
+    return AlgoConfig(terms={"rl": clipped_rl_term(GRPO(std_normalize=True), SeqMeanTokenMean())})
+
+
+@preset("dr_grpo", "Dr.GRPO: GRPO without std normalisation and without length normalisation")
+def _dr_grpo() -> AlgoConfig:
+    term = clipped_rl_term(GRPO(std_normalize=False), SeqMeanTokenSum(constant=RELEASED_CONSTANT))
+    return AlgoConfig(terms={"rl": term})
+
+
+@preset("dapo", "DAPO: clip-higher (0.2/0.28), token-level mean, uniform groups dropped")
+def _dapo() -> AlgoConfig:
+    term = clipped_rl_term(GRPO(std_normalize=True), TokenMean(), mask=PPOClip(eps_low=0.2, eps_high=0.28))
+    return AlgoConfig(terms={"rl": term}, drop_uniform_groups=True)
+
+
+@preset("rloo", "RLOO: leave-one-out baseline, REINFORCE on whole sequences")
+def _rloo() -> AlgoConfig:
+    term = Term(sources=("rl",), ref=CurrentPolicy(), advantage=RLOO(), reduction=SeqMeanTokenSum())
+    return AlgoConfig(terms={"rl": term})
+
+
+@preset("reinforce_pp", "REINFORCE++: clipped ratio, rewards normalised over the global batch")
+def _reinforce_pp() -> AlgoConfig:
+    return AlgoConfig(terms={"rl": clipped_rl_term(ReinforcePP(), TokenMean())})
+
+
+@preset("cispo", "CISPO: clipped stop-gradient importance weight on every token, token mean")
+def _cispo() -> AlgoConfig:
+    term = clipped_rl_term(GRPO(std_normalize=True), TokenMean(), mask=CISPO(eps_low=None, eps_high=0.28))
+    return AlgoConfig(terms={"rl": term})
+
+
+@preset("gspo", "GSPO: sequence-level ratio and clip, sequence mean of token means")
+def _gspo() -> AlgoConfig:
+    term = Term(
+        sources=("rl",),
+        mask=GSPOSeqClip(),
+        ref=GSPORef(),
+        advantage=GRPO(std_normalize=True),
+        reduction=SeqMeanTokenMean(),
+    )
+    return AlgoConfig(terms={"rl": term})
+
+
+def _luffy_terms() -> dict[str, Term]:
+    adv = GRPO(std_normalize=False)
+    reduction = TokenSumOverConstant(RELEASED_CONSTANT)
+    return {
+        "rl": Term(sources=("rl",), mask=NoMask(), ref=OldPolicy(), advantage=adv, reduction=reduction),
+        "off": Term(
+            sources=("off",),
+            mask=NoMask(),
+            ref=One(),
+            advantage=adv,
+            transform=PolicyShaping(gamma=0.1),
+            reduction=reduction,
+        ),
+    }
+
+
+@preset(
+    "luffy",
+    "LUFFY (released code): demonstration + n-1 rollouts per group, GRPO without std over both, "
+    "no clip, shaped f(pi) = pi/(pi+0.1) on the demonstration, token sum / 8192",
+)
+def _luffy() -> AlgoConfig:
+    return AlgoConfig(terms=_luffy_terms(), gate=MixedGate(), entropy_coef=0.001)
+
+
+@preset(
+    "srft",
+    "SRFT (released code): LUFFY's layout; demonstration also trained by SFT weighted 0.5*exp(-H); "
+    "rollouts: -A log pi with A = 0.1*exp(H) if correct else -1",
+)
+def _srft() -> AlgoConfig:
+    terms = _luffy_terms()
+    terms["rl"] = Term(
+        sources=("rl",),
+        mask=NoMask(),
+        ref=CurrentPolicy(),
+        advantage=Reinforce(mode="pm1"),
+        weight=EntropyScale(coef=0.1, sign=1.0, positive_only=True),
+        reduction=TokenSumOverConstant(RELEASED_CONSTANT),
+    )
+    terms["sft"] = sft_term(sources=("off",), weight=EntropyScale(coef=0.5, sign=-1.0))
+    return AlgoConfig(terms=terms, gate=MixedGate(), entropy_coef=0.001)
+
+
+@preset(
+    "hpt",
+    "HPT as the paper describes: SFT iff no rollout of 8 is correct, else GRPO (clipped, std-normalised)",
+)
+def _hpt() -> AlgoConfig:
+    terms = {"rl": clipped_rl_term(GRPO(std_normalize=True), TokenMean()), "sft": sft_term()}
+    return AlgoConfig(terms=terms, gate=HardSwitchGate(gamma=0, unit="count"))
+
+
+@preset(
+    "hpt_official",
+    "HPT as the released code ran: no clip, no std, RL = token sum / 8192, SFT token mean x sft coef, "
+    "entropy 0.001, skip steps with grad norm > 80",
+    overrides={"optim.skip_grad_norm_above": 80.0},
+)
+def _hpt_official() -> AlgoConfig:
+    rl = Term(
+        sources=("rl",),
+        mask=NoMask(),
+        ref=OldPolicy(),
+        advantage=GRPO(std_normalize=False),
+        reduction=TokenSumOverConstant(RELEASED_CONSTANT),
+    )
+    terms = {"rl": rl, "sft": sft_term(coef=1.0)}
+    return AlgoConfig(terms=terms, gate=HardSwitchGate(gamma=0, unit="count"), entropy_coef=0.001)

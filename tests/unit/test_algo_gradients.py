@@ -137,7 +137,7 @@ def test_every_preset_has_an_oracle():
 def test_preset_gradient_matches_table1(name, seed):
     algo = get_preset(name).build()
     batch = build_batch(algo, seed, old_noise=1.5e-3 if name == "gspo" else 0.25)
-    _, g_logp, g_ent, metrics = run_loss(algo, batch)
+    _, g_logp, g_ent, _ = run_loss(algo, batch)
     exp_logp, exp_ent = oracle.expected_grads(name, oracle_rows(batch))
     torch.testing.assert_close(g_logp, padded(exp_logp), rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(g_ent, padded(exp_ent), rtol=1e-9, atol=1e-12)

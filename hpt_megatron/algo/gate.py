@@ -113,7 +113,7 @@ class SFTGate:
 @dataclass(frozen=True)
 class MixedGate:
     name: ClassVar[str] = "mixed"
-    sources: ClassVar[tuple[Source, ...]] = (Source.RL, Source.OFF)
+    sources: ClassVar[tuple[Source, ...]] = (Source.RL, Source.OFFPOLICY)
 
     def rollouts_per_prompt(self, n: int) -> int:
         return n - 1
@@ -141,7 +141,7 @@ class HardSwitchGate:
 
     @property
     def sources(self) -> tuple[Source, ...]:
-        band = (Source.OFF,) if self.gamma_off is not None else ()
+        band = (Source.OFFPOLICY,) if self.gamma_off is not None else ()
         return (Source.RL, Source.SFT, *band)
 
     def rollouts_per_prompt(self, n: int) -> int:
@@ -254,7 +254,7 @@ def plan_rows(routing: Routing, n_rollouts: int, drop_uniform_groups: bool = Fal
             for j in range(n_rollouts):
                 plan.add(g, j, Source.RL, alpha)
         if off:
-            plan.add(g, -1, Source.OFF, 1.0)
+            plan.add(g, -1, Source.OFFPOLICY, 1.0)
         if beta > 0:
             plan.add(g, -1, Source.SFT, beta)
     return plan

@@ -144,8 +144,8 @@ def _luffy_terms() -> dict[str, Term]:
     reduction = TokenSumOverConstant(RELEASED_CONSTANT)
     return {
         "rl": Term(sources=("rl",), mask=NoMask(), ref=OldPolicy(), advantage=adv, reduction=reduction),
-        "off": Term(
-            sources=("off",),
+        "offpolicy": Term(
+            sources=("offpolicy",),
             mask=NoMask(),
             ref=One(),
             advantage=adv,
@@ -179,7 +179,7 @@ def _srft() -> AlgoConfig:
         weight=EntropyScale(coef=0.1, sign=1.0, positive_only=True),
         reduction=TokenSumOverConstant(RELEASED_CONSTANT),
     )
-    terms["sft"] = sft_term(sources=("off",), weight=EntropyScale(coef=0.5, sign=-1.0))
+    terms["sft"] = sft_term(sources=("offpolicy",), weight=EntropyScale(coef=0.5, sign=-1.0))
     return AlgoConfig(terms=terms, gate=MixedGate(), entropy_coef=0.001)
 
 

@@ -96,35 +96,38 @@ class AlgoConfig:
     def needs_ref_model(self) -> bool:
         return self.kl.coef != 0
 
-    def validate(self, n_rollouts: int) -> None:
-        """Raise ValueError naming the ``algo.*`` key of any impossible combination."""
+    def validate(self, n_rollouts: int, key: str = "algo") -> None:
+        """Raise ValueError naming the ``{key}.*`` entry of any impossible combination."""
         if not self.terms:
-            raise ValueError("algo.terms is empty; an algorithm needs at least one loss term")
+            raise ValueError(f"{key}.terms is empty; an algorithm needs at least one loss term")
         covered: set[Source] = set()
         for name, term in self.terms.items():
-            _validate_term(name, term)
+            _validate_term(f"{key}.terms.{name}", name, term)
             covered |= {Source(s) for s in term.source_ids()}
-        self.gate.validate(n_rollouts)
+        try:
+            self.gate.validate(n_rollouts)
+        except ValueError as e:
+            raise ValueError(f"{key}.gate: {e}") from None
         for src in self.gate.sources:
             if src not in covered:
                 raise ValueError(
-                    f"algo.gate {self.gate.name!r} produces {src.name.lower()!r} rows but no entry of algo.terms "
+                    f"{key}.gate {self.gate.name!r} produces {src.name.lower()!r} rows but no entry of {key}.terms "
                     f"covers source {src.name.lower()!r}; add it to some term's sources"
                 )
 
 
-def _validate_term(name: str, term: Term) -> None:
+def _validate_term(key: str, name: str, term: Term) -> None:
     if name == "all":
-        raise ValueError("algo.terms: 'all' is reserved; rename that term")
+        raise ValueError(f"{key}: 'all' is reserved; rename that term")
     if not term.sources:
-        raise ValueError(f"algo.terms.{name}.sources is empty; list the row sources it trains (rl, off, sft)")
+        raise ValueError(f"{key}.sources is empty; list the row sources it trains (rl, offpolicy, sft)")
     for s in term.sources:
         try:
             Source.parse(s)
         except ValueError as e:
-            raise ValueError(f"algo.terms.{name}.sources: {e}") from None
+            raise ValueError(f"{key}.sources: {e}") from None
     if "sft" in term.sources and term.advantage.needs_reward:
         raise ValueError(
-            f"algo.terms.{name}.advantage is {term.advantage.name!r}, but SFT rows carry no reward; "
+            f"{key}.advantage is {term.advantage.name!r}, but SFT rows carry no reward; "
             "use advantage {name: constant} for a term that covers source 'sft'"
         )

@@ -7,9 +7,9 @@ Shape legend (suffixes on tensor names):
     N  rollouts per prompt
 
 A *row* is one sequence the actor trains on. Every row has a ``Source``:
-    RL   an on-policy rollout sampled by the rollout engine
-    OFF  a demonstration placed inside a rollout group as an off-policy row (LUFFY, SRFT, HPT's band)
-    SFT  a demonstration trained by supervised fine-tuning (outside any rollout group)
+    RL         an on-policy rollout sampled by the rollout engine
+    OFFPOLICY  a demonstration placed inside a rollout group as an off-policy row (LUFFY, SRFT, HPT's band)
+    SFT        a demonstration trained by supervised fine-tuning (outside any rollout group)
 
 Everything here is pure torch; nothing imports megatron, ray or vllm.
 """
@@ -25,7 +25,7 @@ from torch import Tensor
 
 class Source(enum.IntEnum):
     RL = 0
-    OFF = 1
+    OFFPOLICY = 1
     SFT = 2
 
     @classmethod

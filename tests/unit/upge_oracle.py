@@ -235,7 +235,7 @@ def gspo(rows, g):
 
 def _luffy_off(rows, g, adv):
     for i, r in enumerate(rows):
-        if r.source == "off":
+        if r.source == "offpolicy":
             for t in range(r.n):
                 g[i][t] += -r.coef * adv[i] * shaped_dlogp(r.logp[t]) / RELEASED
 
@@ -258,7 +258,7 @@ def srft(rows, g):
             for t in range(r.n):
                 g[i][t] += -r.coef * a / RELEASED
     _luffy_off(rows, g, grpo(rows, std=False))
-    _sft(rows, g, sources=("off",), weight=lambda r: 0.5 * math.exp(-mean_entropy(r)))
+    _sft(rows, g, sources=("offpolicy",), weight=lambda r: 0.5 * math.exp(-mean_entropy(r)))
     return 0.001
 
 

@@ -1,0 +1,404 @@
+"""Typed configuration: one dataclass per component, loaded from YAML with dotted CLI overrides.
+
+    cfg = load_config("configs/tiny_cpu.yaml", ["algo.gate.gamma=2", "optim.lr=1e-5"])
+
+A recipe holds only what differs from the defaults below. The ``algo`` block starts from its
+``preset`` (see ``hpt_megatron.algo.presets``) and the recipe's keys are merged over it, e.g.
+``algo: {preset: dapo, terms: {rl: {mask: {eps_high: 0.3}}}}``. Unknown keys, wrong types and
+impossible combinations fail at load time with the dotted key and the fix. Derived values (data
+parallel size, world size) are properties, never stored.
+
+Relative paths in a recipe are resolved against the recipe's directory when the file exists
+there, otherwise against the working directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from hpt_megatron.algo.presets import get_preset
+from hpt_megatron.algo.spec import AlgoConfig
+from hpt_megatron.config_io import (
+    ConfigError,
+    build,
+    deep_merge,
+    has_dotted,
+    parse_override,
+    read_yaml,
+    set_dotted,
+    to_plain,
+)
+
+QWEN_MATH_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+def path_field(default: str | None = "") -> Any:
+    return field(default=default, metadata={"path": True})
+
+
+def paths_field() -> Any:
+    return field(default_factory=list, metadata={"path": True})
+
+
+@dataclass
+class ModelConfig:
+    path: str = path_field()  # Hugging Face checkpoint to start from (weights, config.json, tokenizer)
+    hf_config: str = path_field()  # config.json for a randomly initialised model (when no path)
+    tokenizer: str = path_field()  # tokenizer directory; defaults to ``path``
+    megatron_checkpoint: str = path_field()  # start from a Megatron-format checkpoint instead
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    layer_spec: Literal["auto", "te", "local", "sdpa"] = "auto"  # auto: te if installed, else local
+    fp8: Literal["e4m3", "hybrid"] | None = None  # needs Transformer Engine
+    fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "blockwise"
+    fp8_param: bool = False
+    first_last_layers_bf16: bool = False
+    rope_theta: float | None = None  # override config.json (Qwen2.5-Math-7B runs with 40000)
+    max_position_embeddings: int | None = None
+    recompute_activations: bool = False
+
+    def config_json(self) -> Path | None:
+        if self.path:
+            return Path(self.path) / "config.json"
+        return Path(self.hf_config) if self.hf_config else None
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    sequence_parallel: bool = False
+
+
+@dataclass
+class ClusterConfig:
+    num_nodes: int = 1
+    devices_per_node: int = 1  # GPUs per node, or CPU worker processes
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    ray_address: str | None = None  # None: start a local Ray instance
+    colocate: bool = True  # rollout engines share the actor's devices
+
+    @property
+    def world_size(self) -> int:
+        return self.num_nodes * self.devices_per_node
+
+
+@dataclass
+class RolloutConfig:
+    engine: Literal["hf", "vllm"] = "hf"
+    n: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1: off
+    max_new_tokens: int = 8192
+    stop: list[str] = field(default_factory=list)
+    gpu_memory_utilization: float = 0.6
+    tp: int = 1  # tensor parallel size of each vLLM engine
+    bucket_mb: int = 512  # weight-sync bucket size
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = paths_field()
+    val_files: list[str] = paths_field()
+    on_bad_row: Literal["error", "skip"] = "error"
+    system_prompt: Literal["drop", "keep"] = "drop"  # HPT drops the dataset's system message
+    default_system_prompt: str = QWEN_MATH_SYSTEM_PROMPT
+    template: Literal["tokenizer", "llama_base", "raw"] = "tokenizer"
+    max_prompt_len: int = 1024
+    max_response_len: int = 8192
+    on_overlong_prompt: Literal["error", "skip"] = "skip"
+    shuffle: bool = True
+
+
+@dataclass
+class RewardConfig:
+    num_workers: int = 2
+    timeout_s: float = 5.0
+    answer_fallback: bool = False  # also accept "The answer is X" when there is no \boxed{}
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-6
+    min_lr: float = 0.0
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = 0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    skip_grad_norm_above: float | None = None  # skip the step when the pre-clip grad norm exceeds this
+
+
+@dataclass
+class PhaseConfig:
+    """One phase of a multi-phase run (e.g. SFT then GRPO); ``algo`` is resolved like the top one."""
+
+    steps: int = 1
+    algo: AlgoConfig = field(default_factory=lambda: get_preset("hpt").build())
+    name: str = ""
+
+
+@dataclass
+class TrainerConfig:
+    total_steps: int = 500
+    prompts_per_step: int = 128
+    mini_batch_prompts: int = 64
+    ppo_epochs: int = 1
+    micro_batch_tokens: int = 32768  # token budget of one micro-batch (padding-free packing)
+    seed: int = 1
+    output_dir: str = path_field("runs/default")
+    save_every: int = 50
+    keep_last: int = 2
+    eval_every: int = 10
+    eval_before_train: bool = False
+    resume: str = "none"  # none | auto | a checkpoint directory
+    max_bad_steps: int = 3  # stop after this many NaN/inf steps in a row
+    phases: list[PhaseConfig] = field(default_factory=list)
+
+
+@dataclass
+class EvalConfig:
+    files: list[str] = paths_field()
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_new_tokens: int = 8192
+    samples: dict[str, int] = field(default_factory=lambda: {"aime": 32, "aime25": 32, "amc": 32})
+    default_samples: int = 1
+    pass_k: list[int] = field(default_factory=lambda: [1])
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    jsonl: bool = True
+    progress: bool = True
+    plots: bool = True
+
+
+@dataclass
+class ProfileConfig:
+    steps: tuple[int, int] | None = None  # cudaProfilerStart at the first, Stop after the second
+    ranks: list[int] = field(default_factory=lambda: [0])
+    torch_profiler: bool = False
+    nvtx: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    algo: AlgoConfig = field(default_factory=lambda: get_preset("hpt").build())
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+
+    @property
+    def dp(self) -> int:
+        return self.cluster.world_size // (self.parallel.tp * self.parallel.pp)
+
+    def to_dict(self) -> dict:
+        return to_plain(self)
+
+
+# ---- loading --------------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), validate: bool = True):
+    """Read a recipe (or only the defaults when ``path`` is None), apply ``key=value`` overrides,
+    build the typed config and validate it."""
+    data, base_dir = ({}, Path.cwd()) if path is None else (_read_recipe(Path(path)), Path(path).parent)
+    for text in overrides:
+        keys, value = parse_override(text)
+        set_dotted(data, keys, value)
+    source = str(path) if path is not None else "defaults"
+    try:
+        cfg = config_from_dict(data, base_dir)
+        if validate:
+            validate_config(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return cfg
+
+
+def _read_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A recipe may start from another with ``extends: other.yaml`` (relative to itself)."""
+    data = read_yaml(path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    parent_path = (path.parent / parent).resolve()
+    if parent_path in seen:
+        raise ConfigError(f"{path}: 'extends' forms a cycle through {parent_path}")
+    return deep_merge(_read_recipe(parent_path, (*seen, parent_path)), data)
+
+
+def config_from_dict(data: dict, base_dir: Path | None = None) -> Config:
+    data = dict(data)
+    algo_data = data.get("algo") or {}
+    if not isinstance(algo_data, dict):
+        raise ConfigError(f"algo: expected a mapping, got {algo_data!r}")
+    preset = get_preset_or_error(algo_data.get("preset", "hpt"), "algo.preset")
+    for key, value in preset.overrides.items():  # the preset's defaults outside algo; the recipe wins
+        if not has_dotted(data, key.split(".")):
+            set_dotted(data, key.split("."), value)
+    data["algo"] = resolve_algo(algo_data, "algo")
+    trainer = data.get("trainer")
+    if isinstance(trainer, dict) and isinstance(trainer.get("phases"), list):
+        data["trainer"] = dict(trainer, phases=[_resolve_phase(p, i) for i, p in enumerate(trainer["phases"])])
+    cfg = build(Config, data)
+    if base_dir is not None:
+        _resolve_paths(cfg, base_dir)
+    return cfg
+
+
+def get_preset_or_error(name: Any, key: str):
+    if not isinstance(name, str):
+        raise ConfigError(f"{key}: expected a preset name, got {name!r}")
+    try:
+        return get_preset(name)
+    except ValueError as e:
+        raise ConfigError(f"{key}: {e}") from None
+
+
+def resolve_algo(algo_data: dict, key: str) -> AlgoConfig:
+    """The preset's composition with the recipe's ``algo`` keys merged over it. A term set to null
+    is removed (``terms: {offpolicy: null}``)."""
+    if isinstance(algo_data, AlgoConfig):
+        return algo_data
+    name = algo_data.get("preset", "hpt")
+    preset = get_preset_or_error(name, f"{key}.preset")
+    merged = deep_merge(to_plain(preset.build()), algo_data)
+    merged["terms"] = {k: v for k, v in (merged.get("terms") or {}).items() if v is not None}
+    return build(AlgoConfig, merged, key)
+
+
+def _resolve_phase(phase: Any, index: int) -> Any:
+    if not isinstance(phase, dict):
+        return phase
+    algo_data = phase.get("algo") or {}
+    if not isinstance(algo_data, dict):
+        raise ConfigError(f"trainer.phases[{index}].algo: expected a mapping, got {algo_data!r}")
+    return dict(phase, algo=resolve_algo(algo_data, f"trainer.phases[{index}].algo"))
+
+
+def _resolve_paths(obj: Any, base_dir: Path) -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.metadata.get("path"):
+            resolved = [_resolve_one(v, base_dir) for v in value] if isinstance(value, list) else _resolve_one(value, base_dir)
+            setattr(obj, f.name, resolved)
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            _resolve_paths(value, base_dir)
+
+
+def _resolve_one(p: str | None, base_dir: Path) -> str | None:
+    if not p or Path(p).is_absolute():
+        return p
+    candidate = base_dir / p
+    return str(candidate) if candidate.exists() else p
+
+
+# ---- validation -----------------------------------------------------------------------------------
+
+
+def validate_config(cfg: Config) -> None:
+    """Cross-field checks; each error names the key and the fix."""
+    _validate_positive(cfg)
+    _validate_layout(cfg)
+    _validate_model(cfg)
+    _validate_algo(cfg.algo, "algo", cfg.rollout.n)
+    for i, phase in enumerate(cfg.trainer.phases):
+        if phase.steps < 1:
+            raise ConfigError(f"trainer.phases[{i}].steps must be >= 1, got {phase.steps}")
+        _validate_algo(phase.algo, f"trainer.phases[{i}].algo", cfg.rollout.n)
+    if cfg.profile.steps is not None and not 0 <= cfg.profile.steps[0] <= cfg.profile.steps[1]:
+        raise ConfigError(f"profile.steps must be [start, end] with 0 <= start <= end, got {list(cfg.profile.steps)}")
+
+
+def _validate_positive(cfg: Config) -> None:
+    checks = {
+        "parallel.tp": cfg.parallel.tp,
+        "parallel.pp": cfg.parallel.pp,
+        "cluster.num_nodes": cfg.cluster.num_nodes,
+        "cluster.devices_per_node": cfg.cluster.devices_per_node,
+        "rollout.n": cfg.rollout.n,
+        "rollout.max_new_tokens": cfg.rollout.max_new_tokens,
+        "trainer.total_steps": cfg.trainer.total_steps,
+        "trainer.prompts_per_step": cfg.trainer.prompts_per_step,
+        "trainer.mini_batch_prompts": cfg.trainer.mini_batch_prompts,
+        "trainer.ppo_epochs": cfg.trainer.ppo_epochs,
+        "trainer.micro_batch_tokens": cfg.trainer.micro_batch_tokens,
+        "reward.num_workers": cfg.reward.num_workers,
+        "data.max_prompt_len": cfg.data.max_prompt_len,
+        "data.max_response_len": cfg.data.max_response_len,
+    }
+    for key, value in checks.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
+    if cfg.rollout.temperature < 0 or not 0 < cfg.rollout.top_p <= 1:
+        raise ConfigError("rollout.temperature must be >= 0 and rollout.top_p in (0, 1]")
+    if cfg.reward.timeout_s <= 0:
+        raise ConfigError(f"reward.timeout_s must be > 0, got {cfg.reward.timeout_s}")
+
+
+def _validate_layout(cfg: Config) -> None:
+    tp, pp, world = cfg.parallel.tp, cfg.parallel.pp, cfg.cluster.world_size
+    if world % (tp * pp):
+        raise ConfigError(
+            f"parallel.tp * parallel.pp = {tp * pp} does not divide the world size {world} "
+            f"(cluster.num_nodes x cluster.devices_per_node); change one of them"
+        )
+    t = cfg.trainer
+    if t.prompts_per_step % t.mini_batch_prompts:
+        raise ConfigError(
+            f"trainer.mini_batch_prompts={t.mini_batch_prompts} must divide trainer.prompts_per_step={t.prompts_per_step}"
+        )
+    if cfg.parallel.sequence_parallel and tp == 1:
+        raise ConfigError("parallel.sequence_parallel needs parallel.tp > 1")
+
+
+def _validate_model(cfg: Config) -> None:
+    path = cfg.model.config_json()
+    if path is None:
+        raise ConfigError("model.path or model.hf_config must be set (a Hugging Face checkpoint or its config.json)")
+    key = "model.path" if cfg.model.path else "model.hf_config"
+    if not path.is_file():
+        raise ConfigError(f"{key}: {str(path)!r} does not exist")
+    try:
+        hf = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{key}: {path} is not valid JSON ({e})") from None
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    heads = hf.get("num_attention_heads")
+    kv = hf.get("num_key_value_heads", heads)
+    layers = hf.get("num_hidden_layers")
+    for name, value in (("num_attention_heads", heads), ("num_hidden_layers", layers)):
+        if not isinstance(value, int):
+            raise ConfigError(f"{key}: {path} has no integer {name!r}")
+    if heads % tp or kv % tp:
+        raise ConfigError(
+            f"parallel.tp={tp} must divide the model's attention heads ({heads}) and key/value heads ({kv}) "
+            f"from {path}; choose a tp that divides both"
+        )
+    if layers % pp:
+        raise ConfigError(f"parallel.pp={pp} must divide the model's {layers} layers (num_hidden_layers in {path})")
+
+
+def _validate_algo(algo: AlgoConfig, key: str, n: int) -> None:
+    try:
+        algo.validate(n, key)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None

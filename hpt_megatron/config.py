@@ -214,7 +214,9 @@ class Config:
 # ---- loading --------------------------------------------------------------------------------------
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), validate: bool = True):
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), validate: bool = True
+):
     """Read a recipe (or only the defaults when ``path`` is None), apply ``key=value`` overrides,
     build the typed config and validate it."""
     data, base_dir = ({}, Path.cwd()) if path is None else (_read_recipe(Path(path)), Path(path).parent)
@@ -255,7 +257,9 @@ def config_from_dict(data: dict, base_dir: Path | None = None) -> Config:
     data["algo"] = resolve_algo(algo_data, "algo")
     trainer = data.get("trainer")
     if isinstance(trainer, dict) and isinstance(trainer.get("phases"), list):
-        data["trainer"] = dict(trainer, phases=[_resolve_phase(p, i) for i, p in enumerate(trainer["phases"])])
+        data["trainer"] = dict(
+            trainer, phases=[_resolve_phase(p, i) for i, p in enumerate(trainer["phases"])]
+        )
     cfg = build(Config, data)
     if base_dir is not None:
         _resolve_paths(cfg, base_dir)
@@ -296,7 +300,11 @@ def _resolve_paths(obj: Any, base_dir: Path) -> None:
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if f.metadata.get("path"):
-            resolved = [_resolve_one(v, base_dir) for v in value] if isinstance(value, list) else _resolve_one(value, base_dir)
+            resolved = (
+                [_resolve_one(v, base_dir) for v in value]
+                if isinstance(value, list)
+                else _resolve_one(value, base_dir)
+            )
             setattr(obj, f.name, resolved)
         elif dataclasses.is_dataclass(value) and not isinstance(value, type):
             _resolve_paths(value, base_dir)
@@ -323,7 +331,9 @@ def validate_config(cfg: Config) -> None:
             raise ConfigError(f"trainer.phases[{i}].steps must be >= 1, got {phase.steps}")
         _validate_algo(phase.algo, f"trainer.phases[{i}].algo", cfg.rollout.n)
     if cfg.profile.steps is not None and not 0 <= cfg.profile.steps[0] <= cfg.profile.steps[1]:
-        raise ConfigError(f"profile.steps must be [start, end] with 0 <= start <= end, got {list(cfg.profile.steps)}")
+        raise ConfigError(
+            f"profile.steps must be [start, end] with 0 <= start <= end, got {list(cfg.profile.steps)}"
+        )
 
 
 def _validate_positive(cfg: Config) -> None:
@@ -373,7 +383,9 @@ def _validate_layout(cfg: Config) -> None:
 def _validate_model(cfg: Config) -> None:
     path = cfg.model.config_json()
     if path is None:
-        raise ConfigError("model.path or model.hf_config must be set (a Hugging Face checkpoint or its config.json)")
+        raise ConfigError(
+            "model.path or model.hf_config must be set (a Hugging Face checkpoint or its config.json)"
+        )
     key = "model.path" if cfg.model.path else "model.hf_config"
     if not path.is_file():
         raise ConfigError(f"{key}: {str(path)!r} does not exist")
@@ -394,7 +406,9 @@ def _validate_model(cfg: Config) -> None:
             f"from {path}; choose a tp that divides both"
         )
     if layers % pp:
-        raise ConfigError(f"parallel.pp={pp} must divide the model's {layers} layers (num_hidden_layers in {path})")
+        raise ConfigError(
+            f"parallel.pp={pp} must divide the model's {layers} layers (num_hidden_layers in {path})"
+        )
 
 
 def _validate_algo(algo: AlgoConfig, key: str, n: int) -> None:

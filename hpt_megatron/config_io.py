@@ -29,7 +29,9 @@ def unknown_key_error(key: str, valid: list[str], parent: str) -> ConfigError:
     full = f"{parent}.{key}" if parent else key
     hint = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     did_you_mean = f" (did you mean {((parent + '.') if parent else '') + hint[0]!r}?)" if hint else ""
-    return ConfigError(f"unknown key {full!r}{did_you_mean}; valid keys under {_where(parent)!r}: {', '.join(valid)}")
+    return ConfigError(
+        f"unknown key {full!r}{did_you_mean}; valid keys under {_where(parent)!r}: {', '.join(valid)}"
+    )
 
 
 def _type_name(tp: Any) -> str:
@@ -74,7 +76,9 @@ def _literal(value: Any, choices: tuple, path: str) -> Any:
         return value
     hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
     did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
-    raise ConfigError(f"{path}: {value!r} is not allowed{did_you_mean}; choose one of {', '.join(map(repr, choices))}")
+    raise ConfigError(
+        f"{path}: {value!r} is not allowed{did_you_mean}; choose one of {', '.join(map(repr, choices))}"
+    )
 
 
 def _sequence(value: Any, tp: Any, origin: Any, path: str) -> Any:
@@ -123,7 +127,9 @@ def _scalar(value: Any, tp: Any, path: str) -> Any:
 def build(cls: type, data: Any, path: str = "") -> Any:
     """Build dataclass ``cls`` from a mapping, checking every key and type."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{_where(path)}: expected a mapping of {cls.__name__} fields, got {type(data).__name__}")
+        raise ConfigError(
+            f"{_where(path)}: expected a mapping of {cls.__name__} fields, got {type(data).__name__}"
+        )
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = typing.get_type_hints(cls)
     kwargs = {}
@@ -187,8 +193,10 @@ def deep_merge(base: dict, update: dict) -> dict:
     out = dict(base)
     for key, value in update.items():
         old = out.get(key)
-        same_kind = isinstance(old, dict) and isinstance(value, dict) and value.get("name", old.get("name")) == old.get(
-            "name"
+        same_kind = (
+            isinstance(old, dict)
+            and isinstance(value, dict)
+            and value.get("name", old.get("name")) == old.get("name")
         )
         out[key] = deep_merge(old, value) if same_kind else value
     return out

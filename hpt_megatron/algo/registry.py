@@ -51,5 +51,13 @@ class Registry(Generic[T]):
 
 def describe(component: Any) -> str:
     """Short human form, e.g. ``ppo_clip(eps_low=0.2, eps_high=0.28)``."""
-    params = ", ".join(f"{f.name}={getattr(component, f.name)!r}" for f in dataclasses.fields(component))
+    params = ", ".join(f"{f.name}={_fmt(getattr(component, f.name))}" for f in dataclasses.fields(component))
     return f"{component.name}({params})" if params else component.name
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, tuple):
+        return "(" + ", ".join(_fmt(v) for v in value) + ")"
+    return repr(value)

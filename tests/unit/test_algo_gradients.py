@@ -53,7 +53,8 @@ def build_batch(algo: AlgoConfig, seed: int, old_noise: float = 0.25):
     entropy = torch.rand(b, T_MAX, generator=gen, dtype=torch.float64) * 3.0
     values = torch.randn(b, T_MAX, generator=gen, dtype=torch.float64) * 0.5
     reward = torch.tensor(
-        [1.0 if j < 0 else float(rewards_GN[g, j]) for g, j in zip(plan.prompt, plan.rollout)], dtype=torch.float64
+        [1.0 if j < 0 else float(rewards_GN[g, j]) for g, j in zip(plan.prompt, plan.rollout)],
+        dtype=torch.float64,
     )
     return {
         "plan": plan,
@@ -220,7 +221,9 @@ def test_grpo_is_the_grpo_objective():
     per_seq = (surr * mask).sum(-1) / mask.sum(-1)
     objective = per_seq[rl].mean()
     (-objective).backward()
-    torch.testing.assert_close(torch.tensor(loss, dtype=torch.float64), -objective.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        torch.tensor(loss, dtype=torch.float64), -objective.detach(), rtol=1e-10, atol=1e-12
+    )
     torch.testing.assert_close(g_logp, logp.grad, rtol=1e-9, atol=1e-12)
 
 

@@ -64,7 +64,9 @@ def test_dotted_overrides_and_types(recipe):
 
 
 def test_preset_merge_and_component_replacement(recipe):
-    cfg = load_config(recipe("algo:\n  preset: dapo\n  terms:\n    rl:\n      mask: {name: cispo, eps_high: 4.0}\n"))
+    cfg = load_config(
+        recipe("algo:\n  preset: dapo\n  terms:\n    rl:\n      mask: {name: cispo, eps_high: 4.0}\n")
+    )
     assert cfg.algo.preset == "dapo"
     assert cfg.algo.drop_uniform_groups  # kept from the preset
     assert cfg.algo.terms["rl"].mask == CISPO(eps_low=None, eps_high=4.0)  # replaced, not merged
@@ -154,7 +156,9 @@ def test_unknown_key_suggests_the_closest(recipe):
 def test_wrong_types(recipe):
     path = recipe("rollout:\n  n: eight\n")
     assert error_of(path) == f"{path}: rollout.n: expected int, got str 'eight'"
-    assert error_of(path, ["rollout.n=8", "data.shuffle=3"]) == f"{path}: data.shuffle: expected bool, got int 3"
+    assert (
+        error_of(path, ["rollout.n=8", "data.shuffle=3"]) == f"{path}: data.shuffle: expected bool, got int 3"
+    )
     assert error_of(path, ["rollout.n=8", "data.template=llama"]) == (
         f"{path}: data.template: 'llama' is not allowed (did you mean 'llama_base'?); "
         "choose one of 'tokenizer', 'llama_base', 'raw'"

@@ -27,7 +27,11 @@ def route_kinds(gate, correct_counts: list[int]) -> list[str]:
     kinds = []
     for g in range(len(correct_counts)):
         rl, sft, off = float(r.rl_coef_G[g]) > 0, float(r.sft_coef_G[g]) > 0, bool(r.off_G[g])
-        kinds.append({(False, True, False): "sft", (True, False, False): "rl", (True, False, True): "band"}[rl, sft, off])
+        kinds.append(
+            {(False, True, False): "sft", (True, False, False): "rl", (True, False, True): "band"}[
+                rl, sft, off
+            ]
+        )
     return kinds
 
 
@@ -132,9 +136,13 @@ def test_gate_validation(gate, message):
 
 
 def test_registry_errors():
-    with pytest.raises(ValueError, match=r"unknown gate 'hardd' \(did you mean 'hard'\?\); valid gate names:"):
+    with pytest.raises(
+        ValueError, match=r"unknown gate 'hardd' \(did you mean 'hard'\?\); valid gate names:"
+    ):
         GATES.get("hardd")
     with pytest.raises(ValueError, match="duplicate gate registration: 'hard'"):
         GATES.register(HardSwitchGate)
-    with pytest.raises(ValueError, match="gate 'hard' has no parameter 'gama'; its parameters: gamma, gamma_off, unit"):
+    with pytest.raises(
+        ValueError, match="gate 'hard' has no parameter 'gama'; its parameters: gamma, gamma_off, unit"
+    ):
         GATES.build("hard", gama=1)

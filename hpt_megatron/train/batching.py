@@ -71,7 +71,9 @@ def build_train_batch(
     mask = torch.zeros(len(rows), width - 1)
     for i, (ids, prompt_len) in enumerate(rows):
         if not 0 < prompt_len < len(ids):
-            raise ValueError(f"row {i}: prompt length {prompt_len} must be in [1, {len(ids) - 1}] for {len(ids)} tokens")
+            raise ValueError(
+                f"row {i}: prompt length {prompt_len} must be in [1, {len(ids) - 1}] for {len(ids)} tokens"
+            )
         tokens[i, : len(ids)] = torch.as_tensor(ids)
         mask[i, prompt_len - 1 : len(ids) - 1] = 1.0
     return TrainBatch(

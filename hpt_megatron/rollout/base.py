@@ -1,0 +1,67 @@
+"""The RolloutEngine protocol and its value types.
+
+Log-probabilities reported by every engine are ``log softmax(logits / temperature)`` of the sampled
+token - the temperature-scaled policy without top-p/top-k truncation - which is exactly what the actor
+recomputes, so their difference measures the train/rollout mismatch and nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+Bucket = list[tuple[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = -1  # -1: off
+    max_new_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.n < 1 or self.max_new_tokens < 1:
+            raise ValueError(
+                f"sampling: n and max_new_tokens must be >= 1, got {self.n}, {self.max_new_tokens}"
+            )
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(
+                f"sampling: need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}"
+            )
+
+    @property
+    def logprob_temperature(self) -> float:
+        """Temperature of the reported log-probs (greedy decoding reports the untempered policy)."""
+        return self.temperature if self.temperature > 0 else 1.0
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]  # generated tokens, including the EOS token when one was produced
+    text: str
+    logprobs: list[float] = field(default_factory=list)  # one per token, under the sampling policy
+    finish_reason: str = "length"  # "stop" (EOS or a stop string) or "length"
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        """``params.n`` completions per prompt (token ids), in prompt order."""
+        ...
+
+    def load_weights(self, buckets: Iterable[Bucket], manifest) -> None:
+        """Load HF-named tensors from the actor's streaming export; raise unless they match the
+        manifest exactly (nothing missing, nothing unexpected, same shapes and dtypes)."""
+        ...
+
+    def sleep(self) -> None:
+        """Release memory (KV cache, and weights where supported) while the actor trains."""
+        ...
+
+    def wake(self) -> None: ...

@@ -36,9 +36,9 @@ def _box_content(text: str, end_of_command: int, closing: dict[int, int]) -> str
     if text.startswith("{", start):
         end = closing.get(start)
         return None if end is None else text[start + 1 : end]
-    if start == end_of_command:  # "\\boxed5" is not a box command
+    if start == end_of_command:  # \boxed5 is not a box command
         return None
-    token = _UNBRACED_RE.match(text, start)  # "\\boxed 5$" -> "5"
+    token = _UNBRACED_RE.match(text, start)  # \boxed 5$ -> 5
     return token.group() if token else None
 
 

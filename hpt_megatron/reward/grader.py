@@ -24,7 +24,7 @@ class GradeConfig:
         for the data sources in ``choice_data_sources``.
     choice_data_sources: a data_source containing one of these substrings is graded as multiple choice.
     max_response_chars: only the last this many characters of a response are searched for the answer.
-    max_answer_chars: a longer extracted answer scores 0 without being parsed.
+    max_answer_chars: a longer extracted math answer scores 0 without being parsed.
     rel_tol: relative tolerance when both answers are plain numbers.
     """
 
@@ -89,10 +89,10 @@ def grade(
     answer = extract_answer(response[-config.max_response_chars :], fallback=config.answer_fallback)
     if answer is None:
         return ScoreResult(0.0, None)
+    if is_choice_item(ground_truth, data_source, config):
+        # Label matching is a linear regex, so an option quoted in full (GPQA has 1,000+ char DNA
+        # sequences) needs no length cap.
+        return ScoreResult(1.0 if choice_equal(answer, ground_truth) else 0.0, answer)
     if len(answer) > config.max_answer_chars:
         return ScoreResult(0.0, None, error=f"answer longer than {config.max_answer_chars} chars")
-    if is_choice_item(ground_truth, data_source, config):
-        correct = choice_equal(answer, ground_truth)
-    else:
-        correct = math_equal(answer, ground_truth, config.rel_tol)
-    return ScoreResult(1.0 if correct else 0.0, answer)
+    return ScoreResult(1.0 if math_equal(answer, ground_truth, config.rel_tol) else 0.0, answer)

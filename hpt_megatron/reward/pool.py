@@ -25,6 +25,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection, wait
+from pathlib import Path
 from typing import NamedTuple
 
 from tqdm import tqdm
@@ -56,15 +57,26 @@ class VerifierStats:
     errors: int = 0
 
 
-def _limit_memory(max_memory_mb: int | None) -> None:
-    if max_memory_mb is not None:
-        limit = max_memory_mb * 1024 * 1024
+_STATM = Path("/proc/self/statm")
+
+
+def _limit_memory(memory_limit_mb: int | None) -> None:
+    """Cap the address space at its current size plus ``memory_limit_mb``.
+
+    Relative to the start-up footprint, because a worker first imports the parent's ``__main__``
+    module (multiprocessing does so for spawn and forkserver), which may map gigabytes (torch).
+    """
+    if memory_limit_mb is not None:
+        current = int(_STATM.read_text().split()[0]) * resource.getpagesize()
+        limit = current + memory_limit_mb * 1024 * 1024
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
-def _worker_main(conn: Connection, grade_fn: GradeFn, config: GradeConfig, max_memory_mb: int | None) -> None:
+def _worker_main(
+    conn: Connection, grade_fn: GradeFn, config: GradeConfig, memory_limit_mb: int | None
+) -> None:
     """Serve (index, item) requests until the parent sends None or goes away."""
-    _limit_memory(max_memory_mb)
+    _limit_memory(memory_limit_mb)
     grade_fn("\\boxed{1}", "1", None, config)  # compile regexes and fill caches before the first deadline
     conn.send(_READY)
     while True:
@@ -131,8 +143,8 @@ class Verifier:
     num_workers: processes grading in parallel (one item each at a time).
     timeout_s: wall-clock budget of one item, measured from when a worker receives it.
     config: grading knobs (``GradeConfig``), identical in every worker.
-    max_memory_mb: address-space limit of each worker (None: unlimited); an allocation beyond it makes
-        that item fail instead of exhausting the machine.
+    memory_limit_mb: address space a worker may map beyond its start-up footprint (None: no limit; the
+        limit needs Linux); an allocation past it fails that item instead of exhausting the machine.
     start_method: "forkserver" or "spawn".
     grade_fn: a module-level function with ``grade``'s signature, run in the workers (tests use it to
         make a worker crash; it can also swap in another reward function).
@@ -145,7 +157,7 @@ class Verifier:
         num_workers: int = 2,
         timeout_s: float = 5.0,
         config: GradeConfig | None = None,
-        max_memory_mb: int | None = 4096,
+        memory_limit_mb: int | None = 4096,
         start_method: str = "forkserver",
         grade_fn: GradeFn = grade,
     ) -> None:
@@ -153,6 +165,8 @@ class Verifier:
             raise ValueError(f"Verifier: num_workers must be >= 1, got {num_workers}")
         if not timeout_s > 0:
             raise ValueError(f"Verifier: timeout_s must be > 0, got {timeout_s}")
+        if memory_limit_mb is not None and not _STATM.exists():
+            raise ValueError(f"Verifier: memory_limit_mb needs {_STATM} (Linux); pass memory_limit_mb=None")
         if start_method not in _START_METHODS:
             raise ValueError(
                 f"Verifier: start_method must be one of {_START_METHODS}, got {start_method!r} "
@@ -165,7 +179,7 @@ class Verifier:
         if start_method == "forkserver":
             # Takes effect when the process-wide forkserver starts; workers then fork with sympy loaded.
             self._ctx.set_forkserver_preload([grade.__module__])
-        self._worker_args = (grade_fn, self.config, max_memory_mb)
+        self._worker_args = (grade_fn, self.config, memory_limit_mb)
         self._workers = [_Worker(self._ctx, self._worker_args) for _ in range(num_workers)]
 
     def __enter__(self) -> Verifier:

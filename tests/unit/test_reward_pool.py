@@ -16,13 +16,15 @@ SLACK_S = 5.0  # start-up of replacement workers, scheduling noise on a busy mac
 
 def misbehave_on_marker(response: str, ground_truth: str, data_source: str | None, config: GradeConfig):
     """Test hook run inside workers: 'CRASH' exits the process, 'HANG' never returns, 'RAISE' raises,
-    'SLEEP <s>' sleeps then grades; anything else is graded normally."""
+    'ALLOCATE' asks for 2 GiB, 'SLEEP <s>' sleeps then grades; anything else is graded normally."""
     if response == "CRASH":
         os._exit(3)
     if response == "HANG":
         time.sleep(3600)
     if response == "RAISE":
         raise RuntimeError("grader bug")
+    if response == "ALLOCATE":
+        bytearray(2 * 1024**3)
     if response.startswith("SLEEP "):
         seconds, _, response = response[len("SLEEP ") :].partition(" ")
         time.sleep(float(seconds))
@@ -96,6 +98,13 @@ def test_exception_in_grader_costs_one_item(verifier):
     assert results[0].reward == 0.0 and results[0].error == "RuntimeError: grader bug"
     assert_correct(results[1])
     assert verifier.stats.errors - errors_before == 1
+
+
+def test_memory_limit_fails_the_item_not_the_machine():
+    with Verifier(num_workers=1, timeout_s=30.0, memory_limit_mb=512, grade_fn=misbehave_on_marker) as pool:
+        results = pool.score([("ALLOCATE", "1", None), ("\\boxed{1}", "1", None)])
+    assert results[0].reward == 0.0 and results[0].error.startswith("MemoryError")
+    assert_correct(results[1])
 
 
 def test_results_keep_input_order_when_items_finish_out_of_order(verifier):

@@ -11,6 +11,7 @@ wrong ones go through math-verify, so the mix sets the cost.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import time
 from pathlib import Path
@@ -73,6 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     items = build_items(args.data, args.prompts, args.rollouts, args.seed)
     chars = sum(len(item.response) for item in items) / len(items)
     print(f"{len(items)} items ({args.prompts} prompts x {args.rollouts}), mean response {chars:.0f} chars")
+    # Other processes compete for the cores: the pool cannot beat the CPU time actually available.
+    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start")
     seconds, reference = bench_sequential(items)
     print(
         f"sequential grade():  {len(items) / seconds:8.1f} items/s  mean reward {sum(reference) / len(items):.3f}"

@@ -117,8 +117,11 @@ class DataConfig:
 @dataclass
 class RewardConfig:
     num_workers: int = 2
-    timeout_s: float = 5.0
+    timeout_s: float = 5.0  # hard per-item limit; the worker is killed and replaced past it
+    memory_limit_mb: int = 4096  # per-worker address-space cap above its start-up size
     answer_fallback: bool = False  # also accept "The answer is X" when there is no \boxed{}
+    choice_by_letter: bool = False  # grade single-letter ground truths as multiple choice anywhere
+    max_response_chars: int = 65_536  # longer responses keep their last characters
 
 
 @dataclass

@@ -5,12 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "benchmarks"
-needs_benchmarks = pytest.mark.skipif(
-    not (BENCHMARKS / "valid.all.parquet").is_file(), reason=f"no benchmark files under {BENCHMARKS}"
-)
 
 
 def load_rows(name: str) -> list[dict]:

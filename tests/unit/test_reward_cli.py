@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from hpt_megatron.reward.cli import main
-from tests.unit.reward_cases import load_rows, needs_benchmarks, response_with
+from tests.unit.reward_cases import load_rows, response_with
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -25,7 +25,6 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-@needs_benchmarks
 def test_round_trip_through_the_module_entry_point(tmp_path):
     math_row = load_rows("valid.parquet")[0]
     choice_row = load_rows("valid.gpqa.parquet")[0]

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from hpt_megatron.reward import GradeConfig, grade
-from tests.unit.reward_cases import load_rows, needs_benchmarks, response_with
+from tests.unit.reward_cases import load_rows, response_with
 
 INTEGER_RE = re.compile(r"-?\d+")
 DECIMAL_RE = re.compile(r"-?(?:\d+\.\d*|\.\d+|\d+(?:\.\d*)?e[+-]?\d+)", re.IGNORECASE)
@@ -40,7 +40,6 @@ def wrong_answer(gold: str, position: int, golds: list[str]) -> str | None:
     return None if plain(other) == plain(gold) else other
 
 
-@needs_benchmarks
 def test_every_gold_answer_is_graded_correct():
     rows = load_rows("valid.all.parquet")
     failures = []
@@ -51,7 +50,6 @@ def test_every_gold_answer_is_graded_correct():
     assert report("gold answers of valid.all.parquet", failures, len(rows)) >= 0.99
 
 
-@needs_benchmarks
 def test_wrong_answers_are_graded_incorrect():
     items = unique_items(load_rows("valid.all.parquet"))
     golds = [gold for _, gold in items]
@@ -71,7 +69,6 @@ def option_texts(question: str) -> dict[str, str]:
     return dict(re.findall(r"^([A-J1-9])\) ?(.*)$", question, flags=re.MULTILINE))
 
 
-@needs_benchmarks
 @pytest.mark.parametrize("name", ["valid.arc_c.parquet", "valid.gpqa.parquet"])
 def test_multiple_choice_gold_label_correct_and_other_labels_wrong(name):
     rows = load_rows(name)

@@ -9,7 +9,7 @@ import pytest
 import sympy.parsing.sympy_parser as sympy_parser
 
 from hpt_megatron.reward import grade
-from tests.unit.reward_cases import load_rows, needs_benchmarks, response_with
+from tests.unit.reward_cases import load_rows, response_with
 
 # Number(text) in latex2sympy's parser goes through sympy's eval-based parser with a lexer-checked
 # numeric token; sympy renders it as e.g. "Integer (12 )" or "Float ('1.5' )".
@@ -53,7 +53,6 @@ def test_hostile_answers_are_never_evaluated(evaluated):
     assert not unexpected
 
 
-@needs_benchmarks
 def test_only_number_literals_are_evaluated_on_benchmark_answers(evaluated):
     rows = load_rows("valid.parquet")[::20]
     for position, row in enumerate(rows):

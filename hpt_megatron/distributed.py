@@ -11,6 +11,7 @@ Rank layout is Megatron's default order ``tp-cp-ep-dp-pp``: TP ranks are adjacen
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import traceback
 from collections.abc import Callable
@@ -224,8 +225,10 @@ def _worker(fn, args, env, threads, queue) -> None:
     torch.set_num_threads(threads)
     rank = int(env["RANK"])
     try:
-        result = fn(*args)
-        queue.put((rank, True, result))
+        # Plain pickle copies tensors; torch's queue reducers would share them through file
+        # descriptors that die with this process.
+        payload = pickle.dumps(fn(*args))
+        queue.put((rank, True, payload))
     except BaseException:
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -253,5 +256,5 @@ def _collect(queue, procs, timeout_s: float) -> dict[int, Any]:
         rank, ok, value = queue.get()
         if not ok:
             raise RuntimeError(f"launch: rank {rank} failed:\n{value}")
-        results[rank] = value
+        results[rank] = pickle.loads(value)
     return results

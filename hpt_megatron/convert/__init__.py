@@ -1,6 +1,7 @@
 """HF <-> Megatron weight mapping, the sharded checkpoint format, offline conversion and live export."""
 
 from hpt_megatron.convert.checkpoint import checkpoint_layout, load_model, load_state, save_model, save_state
+from hpt_megatron.convert.export import WeightManifest, export_hf_weights, hf_manifest, verify_weights
 from hpt_megatron.convert.mapping import canonical_names, iter_tensors, split_rules, stage_tensors, tied_aliases
 from hpt_megatron.convert.offline import hf_to_megatron, megatron_to_hf
 from hpt_megatron.convert.sharded import (
@@ -14,6 +15,10 @@ from hpt_megatron.convert.sharded import (
 )
 
 __all__ = [
+    "WeightManifest",
+    "export_hf_weights",
+    "hf_manifest",
+    "verify_weights",
     "ShardLayout",
     "ShardedReader",
     "atomic_directory",

@@ -46,6 +46,13 @@ def tiny_config(kind: str):
     raise ValueError(kind)
 
 
+def config_dict(kind: str) -> dict:
+    """The ``config.json`` content of a tiny model of ``kind`` (with ``architectures``)."""
+    cfg = tiny_config(kind).to_dict()
+    cfg["architectures"] = ["LlamaForCausalLM" if kind == "llama3" else "Qwen2ForCausalLM"]
+    return cfg
+
+
 def tiny_model(kind: str, seed: int = 0):
     """A randomly initialised tiny HF causal LM in fp32, eval mode."""
     from transformers import AutoModelForCausalLM

@@ -2,7 +2,13 @@
 
 from hpt_megatron.convert.checkpoint import checkpoint_layout, load_model, load_state, save_model, save_state
 from hpt_megatron.convert.export import WeightManifest, export_hf_weights, hf_manifest, verify_weights
-from hpt_megatron.convert.mapping import canonical_names, iter_tensors, split_rules, stage_tensors, tied_aliases
+from hpt_megatron.convert.mapping import (
+    canonical_names,
+    iter_tensors,
+    split_rules,
+    stage_tensors,
+    tied_aliases,
+)
 from hpt_megatron.convert.offline import hf_to_megatron, megatron_to_hf
 from hpt_megatron.convert.sharded import (
     ShardedReader,
@@ -15,15 +21,14 @@ from hpt_megatron.convert.sharded import (
 )
 
 __all__ = [
-    "WeightManifest",
-    "export_hf_weights",
-    "hf_manifest",
-    "verify_weights",
     "ShardLayout",
     "ShardedReader",
+    "WeightManifest",
     "atomic_directory",
     "canonical_names",
     "checkpoint_layout",
+    "export_hf_weights",
+    "hf_manifest",
     "hf_to_megatron",
     "iter_tensors",
     "load_model",
@@ -37,5 +42,6 @@ __all__ = [
     "split_rules",
     "stage_tensors",
     "tied_aliases",
+    "verify_weights",
     "write_layout",
 ]

@@ -35,7 +35,9 @@ def checkpoint_layout(arch: ArchConfig, tp: int, pp: int) -> ShardLayout:
     )
 
 
-def save_model(directory: str | Path, model: torch.nn.Module, ctx, arch: ArchConfig, prefix: str = "model") -> None:
+def save_model(
+    directory: str | Path, model: torch.nn.Module, ctx, arch: ArchConfig, prefix: str = "model"
+) -> None:
     """Write this rank's parameters (and, on global rank 0, ``layout.json``).
 
     Args:
@@ -101,7 +103,9 @@ def load_state(
 
 
 @torch.no_grad()
-def load_model(directory: str | Path, model: torch.nn.Module, ctx, arch: ArchConfig, prefix: str = "model") -> None:
+def load_model(
+    directory: str | Path, model: torch.nn.Module, ctx, arch: ArchConfig, prefix: str = "model"
+) -> None:
     """Copy the parameters saved in ``directory`` (any TP/PP) into this rank's ``model`` in place."""
     params = dict(model.named_parameters())
     for local, tensor in load_state(directory, model, ctx, arch, prefix).items():

@@ -69,7 +69,9 @@ def exported_tensors(arch: ArchConfig, pp: int, stage: int) -> list[BoundTensor]
     return tensors
 
 
-def hf_manifest(arch: ArchConfig, dtype: torch.dtype, pp: int = 1, stages: Iterable[int] | None = None) -> WeightManifest:
+def hf_manifest(
+    arch: ArchConfig, dtype: torch.dtype, pp: int = 1, stages: Iterable[int] | None = None
+) -> WeightManifest:
     """The HF tensors an export yields (all stages, or only ``stages`` of a ``pp``-stage model)."""
     shapes = hf_shapes(arch)
     dtype_name = str(dtype).removeprefix("torch.")

@@ -45,11 +45,13 @@ class HFReader:
             return {name: self.directory / file for name, file in weight_map.items()}
         files = sorted(self.directory.glob("*.safetensors"))
         if not files:
-            raise ValueError(f"{self.directory}: no *.safetensors files (only safetensors checkpoints are read)")
+            raise ValueError(
+                f"{self.directory}: no *.safetensors files (only safetensors checkpoints are read)"
+            )
         out = {}
         for path in files:
             with safe_open(str(path), framework="pt") as f:
-                out.update({name: path for name in f.keys()})
+                out.update({name: path for name in f.keys()})  # noqa: SIM118 (not a dict)
         return out
 
     def names(self) -> list[str]:

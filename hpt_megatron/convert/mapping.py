@@ -88,7 +88,11 @@ MAPPINGS: dict[str, ModelMapping] = {
                 "column",
                 when="qkv_bias",
             ),
-            TensorMap("self_attention.linear_proj.weight", ("model.layers.{i}.self_attn.o_proj.weight",), split="row"),
+            TensorMap(
+                "self_attention.linear_proj.weight",
+                ("model.layers.{i}.self_attn.o_proj.weight",),
+                split="row",
+            ),
             TensorMap(
                 "mlp.linear_fc1.layer_norm_weight", ("model.layers.{i}.post_attention_layernorm.weight",)
             ),
@@ -169,7 +173,9 @@ class BoundTensor:
     split: str
     layer: int | None
 
-    def to_megatron(self, hf_tensors: Sequence[torch.Tensor], arch: ArchConfig, padded_vocab: int) -> torch.Tensor:
+    def to_megatron(
+        self, hf_tensors: Sequence[torch.Tensor], arch: ArchConfig, padded_vocab: int
+    ) -> torch.Tensor:
         return TRANSFORMS[self.transform][0](list(hf_tensors), arch, padded_vocab)
 
     def to_hf(self, tensor: torch.Tensor, arch: ArchConfig) -> list[tuple[str, torch.Tensor]]:
@@ -192,7 +198,9 @@ def _bind(tmap: TensorMap, layer: int | None) -> BoundTensor:
     )
 
 
-def iter_tensors(arch: ArchConfig, layers: Sequence[int] | None = None, top: bool = True) -> Iterator[BoundTensor]:
+def iter_tensors(
+    arch: ArchConfig, layers: Sequence[int] | None = None, top: bool = True
+) -> Iterator[BoundTensor]:
     """All tensors of ``arch`` in HF order: embedding, layers ascending, final norm, lm head.
 
     ``layers`` restricts the decoder layers; ``top=False`` leaves out the non-layer tensors.

@@ -67,7 +67,10 @@ def hf_to_megatron(
     padded = arch.padded_vocab_size(tp)
     rules = split_rules(arch, pp)
     total = sum(len(stage_tensors(arch, pp, s)) for s in range(pp)) * tp
-    with atomic_directory(output_dir, overwrite) as tmp, tqdm(total=total, desc="hf->megatron", disable=not progress) as bar:
+    with (
+        atomic_directory(output_dir, overwrite) as tmp,
+        tqdm(total=total, desc="hf->megatron", disable=not progress) as bar,
+    ):
         write_layout(tmp, checkpoint_layout(arch, tp, pp))
         _copy_hf_side_files(hf_dir, tmp / HF_SUBDIR)
         for pp_rank in range(pp):
@@ -76,7 +79,9 @@ def hf_to_megatron(
                 shards = {}
                 for bound in stage:
                     full = bound.to_megatron([reader.get(h) for h in bound.hf], arch, padded)
-                    shards[bound.megatron] = shard_tensor(full, bound.split, tp, tp_rank).to(dtype or full.dtype)
+                    shards[bound.megatron] = shard_tensor(full, bound.split, tp, tp_rank).to(
+                        dtype or full.dtype
+                    )
                     bar.update()
                 save_sharded(tmp, shards, rules, tp_rank, pp_rank)
     return output_dir
@@ -119,7 +124,9 @@ def arch_from_layout(layout: ShardLayout, directory: str | Path) -> ArchConfig:
     """The ArchConfig stored in a checkpoint's ``layout.json``."""
     extra = layout.extra or {}
     if "hf_config" not in extra:
-        raise ValueError(f"{directory}/layout.json: no 'hf_config' in 'extra'; cannot rebuild the model config")
+        raise ValueError(
+            f"{directory}/layout.json: no 'hf_config' in 'extra'; cannot rebuild the model config"
+        )
     divisor = extra.get("arch", {}).get("make_vocab_size_divisible_by", 128)
     return arch_config_from_hf(extra["hf_config"], divisor, label=f"{directory}/layout.json")
 

@@ -141,7 +141,11 @@ def save_sharded(
     path = shard_file(directory, prefix, tp_rank, pp_rank)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = _unshared_cpu(tensors)
-    meta = {"rules": json.dumps({n: rules[n] for n in payload}), "tp_rank": str(tp_rank), "pp_rank": str(pp_rank)}
+    meta = {
+        "rules": json.dumps({n: rules[n] for n in payload}),
+        "tp_rank": str(tp_rank),
+        "pp_rank": str(pp_rank),
+    }
     save_file(payload, str(path), metadata=meta)
     _fsync_file(path)
     return path
@@ -274,7 +278,9 @@ class ShardedReader:
             for tp_rank in range(self.layout.tp):
                 path = shard_file(self.directory, self.prefix, tp_rank, pp_rank)
                 if not path.is_file():
-                    raise ValueError(f"{path}: missing shard of a tp={self.layout.tp} pp={self.layout.pp} checkpoint")
+                    raise ValueError(
+                        f"{path}: missing shard of a tp={self.layout.tp} pp={self.layout.pp} checkpoint"
+                    )
                 with safe_open(str(path), framework="pt") as f:
                     rules = json.loads(f.metadata()["rules"])
                 for name, rule in rules.items():

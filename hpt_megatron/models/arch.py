@@ -140,9 +140,7 @@ def arch_config_from_hf(
     spec = ARCHITECTURES[arch]
     for key, want, default in spec.required:
         if cfg.get(key, default) != want:
-            raise ValueError(
-                f"{where}: {key}={cfg.get(key)!r} is not supported for {arch} (needs {want!r})"
-            )
+            raise ValueError(f"{where}: {key}={cfg.get(key)!r} is not supported for {arch} (needs {want!r})")
     theta, scaling = _rope(cfg, where)
     heads = _get(cfg, "num_attention_heads", where)
     hidden = _get(cfg, "hidden_size", where)
@@ -171,8 +169,7 @@ def _architecture(cfg: dict, where: str) -> str:
     supported = sorted(ARCHITECTURES)
     if len(archs) != 1 or archs[0] not in ARCHITECTURES:
         raise ValueError(
-            f"{where}: architectures={archs!r} is not supported; supported: {supported} "
-            f"(exactly one entry)"
+            f"{where}: architectures={archs!r} is not supported; supported: {supported} (exactly one entry)"
         )
     return archs[0]
 
@@ -259,9 +256,7 @@ def check_parallel_layout(arch: ArchConfig, tp: int, pp: int) -> None:
     for key, value, size, name in checks:
         if value % size != 0:
             divisors = [d for d in range(1, value + 1) if value % d == 0]
-            raise ValueError(
-                f"{key}={value} is not divisible by {name}={size}; choose {name} in {divisors}"
-            )
+            raise ValueError(f"{key}={value} is not divisible by {name}={size}; choose {name} in {divisors}")
 
 
 def stage_layers(arch: ArchConfig, pp: int, pp_rank: int) -> range:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+
+from hpt_megatron.convert.safetensors_stream import SAFETENSORS_DTYPES, StreamingSafetensorsWriter, TensorSpec
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -26,6 +26,7 @@ SIDE_FILES = (
     "chat_template.jinja",
 )
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+_TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float16: "float16"}
 
 
@@ -35,7 +36,6 @@ class HFReader:
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
         self.files = self._index()
-        self._handles: dict[Path, object] = {}
 
     def _index(self) -> dict[str, Path]:
         index = self.directory / INDEX_FILE
@@ -58,56 +58,75 @@ class HFReader:
         return list(self.files)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handle(name).get_slice(name).get_shape())
+        with safe_open(str(self.files[name]), framework="pt") as f:
+            return tuple(f.get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> torch.dtype:
+        with safe_open(str(self.files[name]), framework="pt") as f:
+            return _TORCH_DTYPES[f.get_slice(name).get_dtype()]
 
     def get(self, name: str) -> torch.Tensor:
-        return self._handle(name).get_tensor(name)
+        # Open per read: a handle kept open keeps every page it touched mapped (and counted in RSS).
+        with safe_open(str(self.files[name]), framework="pt") as f:
+            return f.get_tensor(name)
 
-    def _handle(self, name: str):
-        path = self.files[name]
-        if path not in self._handles:
-            self._handles[path] = safe_open(str(path), framework="pt")
-        return self._handles[path]
+
+def plan_shards(specs: list[TensorSpec], max_bytes: int) -> list[list[TensorSpec]]:
+    """Group tensors, in order, into files of at most ``max_bytes`` (a larger tensor gets its own)."""
+    files: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if files[-1] and size + spec.nbytes > max_bytes:
+            files.append([])
+            size = 0
+        files[-1].append(spec)
+        size += spec.nbytes
+    return files
 
 
 class HFShardWriter:
-    """Collect tensors and write ``model-XXXXX-of-YYYYY.safetensors`` files of at most ``max_bytes``.
+    """Stream tensors into ``model-XXXXX-of-YYYYY.safetensors`` files of at most ``max_bytes``.
 
-    Call :meth:`add` per tensor and :meth:`close` at the end (writes the index json).
+    The files are planned from ``specs`` up front, so each tensor is written as it arrives (in spec
+    order) and nothing is buffered. :meth:`close` writes the index json (when there are several files).
     """
 
-    def __init__(self, directory: str | Path, max_bytes: int):
+    def __init__(self, directory: str | Path, specs: list[TensorSpec], max_bytes: int):
         self.directory = Path(directory)
-        self.max_bytes = max_bytes
-        self.buffer: dict[str, torch.Tensor] = {}
-        self.buffer_bytes = 0
-        self.written: list[tuple[Path, list[str]]] = []
-        self.total_bytes = 0
+        self.files = plan_shards(specs, max_bytes)
+        self.total_bytes = sum(s.nbytes for s in specs)
+        self.file_index = -1
+        self.left_in_file = 0
+        self.writer: StreamingSafetensorsWriter | None = None
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        if self.buffer and self.buffer_bytes + nbytes > self.max_bytes:
-            self._flush()
-        self.buffer[name] = tensor.contiguous()
-        self.buffer_bytes += nbytes
-        self.total_bytes += nbytes
+    def file_name(self, k: int) -> str:
+        n = len(self.files)
+        return SINGLE_FILE if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
 
-    def _flush(self) -> None:
-        path = self.directory / f"part-{len(self.written):05d}.safetensors"
-        save_file(self.buffer, str(path), metadata={"format": "pt"})
-        self.written.append((path, list(self.buffer)))
-        self.buffer, self.buffer_bytes = {}, 0
+    def write(self, tensor: torch.Tensor) -> None:
+        if self.left_in_file == 0:
+            self._next_file()
+        self.writer.write(tensor)
+        self.left_in_file -= 1
+
+    def _next_file(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.file_index += 1
+        if self.file_index >= len(self.files):
+            raise ValueError(f"{self.directory}: more tensors written than planned")
+        specs = self.files[self.file_index]
+        path = self.directory / self.file_name(self.file_index)
+        self.writer = StreamingSafetensorsWriter(path, specs, {"format": "pt"})
+        self.left_in_file = len(specs)
 
     def close(self) -> None:
-        if self.buffer or not self.written:
-            self._flush()
-        n = len(self.written)
-        weight_map = {}
-        for k, (path, names) in enumerate(self.written):
-            final = self.directory / (SINGLE_FILE if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors")
-            os.rename(path, final)
-            weight_map.update({name: final.name for name in names})
-        if n > 1:
+        if self.writer is not None:
+            self.writer.close()
+        if self.file_index != len(self.files) - 1 or self.left_in_file:
+            raise ValueError(f"{self.directory}: fewer tensors written than planned")
+        if len(self.files) > 1:
+            weight_map = {s.name: self.file_name(k) for k, specs in enumerate(self.files) for s in specs}
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
             with open(self.directory / INDEX_FILE, "w", encoding="utf-8") as f:
                 json.dump(index, f, indent=2)

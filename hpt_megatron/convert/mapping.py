@@ -244,9 +244,11 @@ def hf_shapes(arch: ArchConfig) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def megatron_shape(bound: BoundTensor, arch: ArchConfig, padded_vocab: int) -> tuple[int, ...]:
-    """Full (unsharded) canonical shape of a Megatron tensor."""
-    shapes = hf_shapes(arch)
+def megatron_shape(
+    bound: BoundTensor, arch: ArchConfig, padded_vocab: int, shapes: dict[str, tuple[int, ...]] | None = None
+) -> tuple[int, ...]:
+    """Full (unsharded) canonical shape of a Megatron tensor (``shapes``: a cached :func:`hf_shapes`)."""
+    shapes = shapes or hf_shapes(arch)
     parts = [shapes[n] for n in bound.hf]
     if bound.transform == "vocab":
         return (padded_vocab, *parts[0][1:])

@@ -1,8 +1,8 @@
 """Offline conversion between HF checkpoints and the sharded Megatron format, in one process.
 
-Both directions stream: HF -> Megatron builds one rank file at a time (peak memory ~ one rank's shard
-plus one layer), Megatron -> HF rebuilds one full tensor at a time and writes HF shards of bounded
-size. No process group is needed.
+Both directions stream one tensor at a time: output files are planned from the config (names, shapes,
+dtypes), their headers written first and each tensor appended as it is made, so peak memory is about
+one full tensor (the embedding) plus its pieces, whatever the model size. No process group is needed.
 """
 
 from __future__ import annotations
@@ -23,19 +23,21 @@ from hpt_megatron.convert.mapping import (
     split_rules,
     stage_tensors,
 )
+from hpt_megatron.convert.safetensors_stream import TensorSpec
 from hpt_megatron.convert.sharded import (
     ShardedReader,
     ShardLayout,
     atomic_directory,
     read_layout,
-    save_sharded,
+    shard_shape,
     shard_tensor,
+    shard_writer,
     write_layout,
 )
 from hpt_megatron.models.arch import ArchConfig, arch_config_from_hf, check_parallel_layout
 
 HF_SUBDIR = "hf"  # config.json, generation config and tokenizer files kept inside a Megatron checkpoint
-DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 # HF tensors that may be present but carry nothing to convert.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -64,7 +66,6 @@ def hf_to_megatron(
     _check_output(output_dir, overwrite)
     reader = HFReader(hf_dir)
     check_hf_tensors(reader, arch)
-    padded = arch.padded_vocab_size(tp)
     rules = split_rules(arch, pp)
     total = sum(len(stage_tensors(arch, pp, s)) for s in range(pp)) * tp
     with (
@@ -76,15 +77,34 @@ def hf_to_megatron(
         for pp_rank in range(pp):
             stage = stage_tensors(arch, pp, pp_rank)
             for tp_rank in range(tp):
-                shards = {}
-                for bound in stage:
-                    full = bound.to_megatron([reader.get(h) for h in bound.hf], arch, padded)
-                    shards[bound.megatron] = shard_tensor(full, bound.split, tp, tp_rank).to(
-                        dtype or full.dtype
-                    )
-                    bar.update()
-                save_sharded(tmp, shards, rules, tp_rank, pp_rank)
+                specs = _rank_specs(stage, reader, arch, tp, dtype)
+                with shard_writer(tmp, specs, rules, tp_rank, pp_rank) as writer:
+                    for bound, spec in zip(stage, specs):
+                        writer.write(_import_one(reader, bound, arch, tp, tp_rank).to(spec.dtype))
+                        bar.update()
     return output_dir
+
+
+def _rank_specs(
+    stage: list[BoundTensor], reader: HFReader, arch: ArchConfig, tp: int, dtype
+) -> list[TensorSpec]:
+    """Name, shape and dtype of every tensor of one rank's shard file."""
+    shapes, padded = hf_shapes(arch), arch.padded_vocab_size(tp)
+    return [
+        TensorSpec(
+            bound.megatron,
+            shard_shape(megatron_shape(bound, arch, padded, shapes), bound.split, tp),
+            dtype or reader.dtype(bound.hf[0]),
+        )
+        for bound in stage
+    ]
+
+
+def _import_one(
+    reader: HFReader, bound: BoundTensor, arch: ArchConfig, tp: int, tp_rank: int
+) -> torch.Tensor:
+    full = bound.to_megatron([reader.get(h) for h in bound.hf], arch, arch.padded_vocab_size(tp))
+    return shard_tensor(full, bound.split, tp, tp_rank)
 
 
 def megatron_to_hf(
@@ -107,15 +127,16 @@ def megatron_to_hf(
     reader = ShardedReader(megatron_dir, "model")
     check_megatron_tensors(reader, arch, layout)
     tensors = list(iter_tensors(arch))
-    out_dtype = dtype
+    shapes = hf_shapes(arch)
+    specs = [TensorSpec(n, shapes[n], dtype or reader.dtype(b.megatron)) for b in tensors for n in b.hf]
     with atomic_directory(output_dir, overwrite) as tmp:
-        writer = HFShardWriter(tmp, max_shard_bytes)
+        writer = HFShardWriter(tmp, specs, max_shard_bytes)
+        by_name = {s.name: s for s in specs}
         for bound in tqdm(tensors, desc="megatron->hf", disable=not progress):
             for name, tensor in _export_one(reader, bound, arch, layout):
-                out_dtype = out_dtype or tensor.dtype
-                writer.add(name, tensor.to(out_dtype).clone(memory_format=torch.contiguous_format))
+                writer.write(tensor.to(by_name[name].dtype))
         writer.close()
-        write_config(arch.hf_config, tmp, out_dtype)
+        write_config(arch.hf_config, tmp, specs[0].dtype)
         copy_side_files(megatron_dir / HF_SUBDIR, tmp)
     return output_dir
 

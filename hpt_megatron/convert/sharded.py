@@ -37,8 +37,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from hpt_megatron.convert.safetensors_stream import SAFETENSORS_DTYPES, StreamingSafetensorsWriter, TensorSpec
+
+_TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 FORMAT_NAME = "hpt_megatron.sharded"
 FORMAT_VERSION = 1
 LAYOUT_FILE = "layout.json"
@@ -125,30 +127,58 @@ def save_sharded(
 ) -> Path:
     """Write one rank's local shards to ``directory/prefix/tpXX-ppYY.safetensors`` and fsync it.
 
+    Tensors are moved to CPU and written one at a time (peak extra memory: one tensor).
+
     Args:
-        tensors: canonical name -> this rank's local shard (any dtype; moved to CPU).
+        tensors: canonical name -> this rank's local shard (any device and dtype).
         rules: canonical name -> split rule; every name in ``tensors`` needs one.
 
     Returns:
         The file written. Call inside :func:`atomic_directory` for an atomic checkpoint.
     """
-    missing = sorted(set(tensors) - set(rules))
+    specs = [TensorSpec.of(name, t) for name, t in tensors.items()]
+    with shard_writer(directory, specs, rules, tp_rank, pp_rank, prefix) as writer:
+        for t in tensors.values():
+            writer.write(t)
+    return writer.path
+
+
+def shard_writer(
+    directory: str | Path,
+    specs: list[TensorSpec],
+    rules: Mapping[str, str],
+    tp_rank: int,
+    pp_rank: int,
+    prefix: str = "model",
+) -> StreamingSafetensorsWriter:
+    """A streaming writer for one rank's shard file; write the tensors of ``specs`` in order.
+
+    For producers that make each tensor on the fly (the HF importer): only one is alive at a time.
+    """
+    missing = sorted({s.name for s in specs} - set(rules))
     if missing:
         raise ValueError(f"no split rule for tensors {missing[:5]} ({len(missing)} in all)")
-    bad = sorted({r for r in rules.values() if r not in SPLIT_RULES})
+    bad = sorted({rules[s.name] for s in specs} - set(SPLIT_RULES))
     if bad:
         raise ValueError(f"unknown split rules {bad}; known: {SPLIT_RULES}")
     path = shard_file(directory, prefix, tp_rank, pp_rank)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = _unshared_cpu(tensors)
     meta = {
-        "rules": json.dumps({n: rules[n] for n in payload}),
+        "rules": json.dumps({s.name: rules[s.name] for s in specs}),
         "tp_rank": str(tp_rank),
         "pp_rank": str(pp_rank),
     }
-    save_file(payload, str(path), metadata=meta)
-    _fsync_file(path)
-    return path
+    return StreamingSafetensorsWriter(path, specs, meta)
+
+
+def shard_shape(full_shape: tuple[int, ...], rule: str, tp: int) -> tuple[int, ...]:
+    """Shape of one TP shard of a tensor of ``full_shape`` under ``rule``."""
+    if rule == "replicated" or tp == 1:
+        return tuple(full_shape)
+    dim = 1 if rule == "row" else 0
+    out = list(full_shape)
+    out[dim] //= tp
+    return tuple(out)
 
 
 def write_layout(directory: str | Path, layout: ShardLayout) -> None:
@@ -172,22 +202,6 @@ def read_layout(directory: str | Path) -> ShardLayout:
         )
     fields = {k: data[k] for k in ("tp", "pp", "vocab_size", "padded_vocab_size", "architecture", "extra")}
     return ShardLayout(**fields)
-
-
-def _unshared_cpu(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Contiguous CPU tensors; safetensors refuses tensors that share storage, so clone those."""
-    out, seen = {}, set()
-    for name, t in tensors.items():
-        t = t.detach().to("cpu").contiguous()
-        key = (t.untyped_storage().data_ptr(), t.storage_offset())
-        out[name] = t.clone() if key in seen or t.untyped_storage().nbytes() != t.nbytes else t
-        seen.add(key)
-    return out
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
 
 
 def _fsync_dir(path: Path) -> None:
@@ -317,6 +331,12 @@ class ShardedReader:
 
     def rule(self, name: str) -> str:
         return self._entry(name).rule
+
+    def dtype(self, name: str) -> torch.dtype:
+        """The stored dtype of ``name`` (read from a file header)."""
+        path = next(iter(self._entry(name).files.values()))
+        with safe_open(str(path), framework="pt") as f:
+            return _TORCH_DTYPES[f.get_slice(name).get_dtype()]
 
     def _entry(self, name: str) -> _Entry:
         if name not in self.entries:

@@ -138,13 +138,13 @@ def test_killed_process_mid_write_keeps_previous_checkpoint(tmp_path):
     _checkpoint(final, seed=0)
     script = textwrap.dedent(
         f"""
-        import os, torch
-        from hpt_megatron.convert import sharded
-        real = sharded.save_file
-        def dying(tensors, path, metadata=None):
-            real(tensors, path, metadata=metadata)
+        import os
+        from hpt_megatron.convert.safetensors_stream import StreamingSafetensorsWriter
+        real = StreamingSafetensorsWriter.close
+        def dying(self):
+            real(self)
             os._exit(9)
-        sharded.save_file = dying
+        StreamingSafetensorsWriter.close = dying
         from tests.unit.test_sharded_checkpoint import _checkpoint
         from pathlib import Path
         _checkpoint(Path({str(final)!r}), seed=1, overwrite=True)

@@ -17,6 +17,9 @@ Patched symbols and why:
   ...); returns the CPU device to megatron callers.
 - ``torch.Tensor.cuda``: megatron moves tensors with ``.cuda()`` (e.g. the tied embedding copy on the
   last pipeline stage); returns the tensor itself for megatron callers.
+- ``torch.Tensor.type``: the optimizer and grad clipping compare ``tensor.type()`` with CUDA names
+  (``'torch.cuda.FloatTensor'``); called without arguments from megatron on a CPU tensor it answers
+  with the CUDA name of the same dtype.
 - ``torch.empty/zeros/ones/full/tensor/...``: megatron allocates with ``device="cuda"`` (pipeline
   token counters, the default causal mask); a CUDA device from a megatron caller becomes the CPU.
 - ``torch.cuda.synchronize``: called around communication and timers; nothing to wait for on CPU.
@@ -138,6 +141,7 @@ def apply_megatron_cpu_patch(force: bool = False) -> bool:
         return True
     _patch_torch_cuda()
     _patch_tensor_cuda()
+    _patch_tensor_type()
     _patch_factories()
     _patch_megatron_rng()
     _patch_causal_mask()
@@ -201,6 +205,19 @@ def _patch_tensor_cuda() -> None:
         return original(self, *args, **kwargs)
 
     torch.Tensor.cuda = cuda
+
+
+def _patch_tensor_type() -> None:
+    original = torch.Tensor.type
+
+    @functools.wraps(original)
+    def type_(self, *args, **kwargs):
+        name = original(self, *args, **kwargs)
+        if args or kwargs or self.device.type != "cpu" or not _called_from_megatron(1):
+            return name
+        return name.replace("torch.", "torch.cuda.", 1)
+
+    torch.Tensor.type = type_
 
 
 def _redirect_factory(original: Callable) -> Callable:

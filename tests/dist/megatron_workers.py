@@ -139,3 +139,38 @@ def context_worker(tp: int, pp: int) -> dict:
     ctx = init_parallel(tp, pp)
     fields = ("rank", "tp_rank", "pp_rank", "dp_rank", "tp_size", "pp_size", "dp_size", "tp_ranks", "pp_ranks")
     return {f: getattr(ctx, f) for f in fields}
+
+
+def train_step_worker(
+    root: str, kind: str, tp: int, pp: int, tokens: torch.Tensor, lr: float, eps: float
+) -> dict:
+    """One Adam step through Megatron's DDP (grad buffers), distributed optimizer and schedule.
+
+    The batch is split over data-parallel ranks; returns the updated local parameters.
+    """
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    ctx = init_parallel(tp, pp)
+    arch = arch_config_from_hf(Path(root) / kind)
+    model = build_gpt_model(arch, ctx, spec="local")
+    load_model(megatron_dir(root, kind, tp, pp), model, ctx, arch)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=True, use_distributed_optimizer=True
+    )
+    ddp = DistributedDataParallel(model.config, ddp_config, model)
+    model.config.finalize_model_grads_func = finalize_model_grads
+    model.config.no_sync_func = ddp.no_sync
+    opt_config = OptimizerConfig(
+        optimizer="adam", lr=lr, adam_eps=eps, weight_decay=0.0, clip_grad=0.0, use_distributed_optimizer=True
+    )
+    optimizer = get_megatron_optimizer(opt_config, [ddp])
+    ddp.zero_grad_buffer()
+    optimizer.zero_grad()
+    local_batch = tokens.chunk(ctx.dp_size)[ctx.dp_rank]
+    run_schedule(ddp, ctx, local_batch, arch.vocab_size, forward_only=False)
+    ok, _, _ = optimizer.step()
+    names = canonical_names(model)
+    params = {names[n]: p.detach().clone() for n, p in model.named_parameters()}
+    return {"coords": _coords(ctx), "ok": ok, "params": params}

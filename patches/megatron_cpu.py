@@ -23,6 +23,8 @@ Patched symbols and why:
 - ``torch.empty/zeros/ones/full/tensor/...``: megatron allocates with ``device="cuda"`` (pipeline
   token counters, the default causal mask); a CUDA device from a megatron caller becomes the CPU.
 - ``torch.cuda.synchronize``: called around communication and timers; nothing to wait for on CPU.
+- ``torch.cuda.current_stream/default_stream``: the DDP grad buffers (0.19) order their collectives
+  against the compute stream; CPU work is synchronous, so a stream whose waits are no-ops is enough.
 - ``torch.cuda.get_rng_state/set_rng_state/manual_seed``: the model-parallel RNG tracker seeds and
   swaps CUDA generator states; on CPU the CPU generator is the one that dropout draws from.
 - ``megatron.core.tensor_parallel.random._get_cuda_rng_state/_set_cuda_rng_state``: the tracker's
@@ -86,6 +88,28 @@ _applied = False
 
 class UnsupportedMegatronVersionError(RuntimeError):
     """The installed megatron-core is not one the CPU patch has been checked against."""
+
+
+class _CpuStream:
+    """Stands in for a CUDA stream: CPU work is synchronous, so every wait is already satisfied."""
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def record_event(self, event=None):
+        return event
+
+
+_CPU_STREAM = _CpuStream()
 
 
 class _DropTrackerWarning(logging.Filter):
@@ -188,6 +212,8 @@ def _patch_torch_cuda() -> None:
     cuda = torch.cuda
     cuda.current_device = _scoped(cuda.current_device, lambda: _CPU)
     cuda.synchronize = _scoped(cuda.synchronize, lambda device=None: None)
+    cuda.current_stream = _scoped(cuda.current_stream, lambda device=None: _CPU_STREAM)
+    cuda.default_stream = _scoped(cuda.default_stream, lambda device=None: _CPU_STREAM)
     cuda.get_rng_state = _scoped(cuda.get_rng_state, lambda device="cuda": torch.get_rng_state())
     cuda.set_rng_state = _scoped(
         cuda.set_rng_state, lambda new_state, device="cuda": torch.set_rng_state(new_state)

@@ -59,6 +59,7 @@ def test_redirects_megatron_callers_to_cpu():
     x = torch.ones(2)
     assert _as_megatron("lambda t: t.cuda()")(x) is x
     _as_megatron("torch.cuda.synchronize()")
+    _as_megatron("torch.cuda.current_stream()").wait_event(None)
     assert _as_megatron("lambda t: t.type()")(x) == "torch.cuda.FloatTensor"
     assert x.type() == "torch.FloatTensor"  # unchanged outside megatron
     mask = importlib.import_module("megatron.core.transformer.utils").get_default_causal_mask(3)

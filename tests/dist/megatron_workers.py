@@ -43,17 +43,18 @@ def run_schedule(model, ctx, tokens: torch.Tensor, vocab: int, forward_only: boo
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     batch, seq = tokens.shape
+    tokens = tokens.to(ctx.device)
     micro_batches = iter([tokens[i : i + 1] for i in range(batch)])
 
     def forward_step(data_iterator, model):
         x = next(data_iterator)
-        out = model(x, torch.arange(seq).unsqueeze(0), None)
+        out = model(x, torch.arange(seq, device=x.device).unsqueeze(0), None)
 
         def loss_func(output):
             logits = tensor_parallel.gather_from_tensor_model_parallel_region(output)[..., :vocab]
             loss = F.cross_entropy(logits[0, :-1], x[0, 1:])
             # The schedule divides the returned loss in place: keep a copy.
-            return loss, {"logits": logits.detach()[0], "loss": loss.detach().clone()}
+            return loss, {"logits": logits.detach()[0].float().cpu(), "loss": loss.detach().clone().cpu()}
 
         return out, loss_func
 
@@ -174,3 +175,30 @@ def train_step_worker(
     names = canonical_names(model)
     params = {names[n]: p.detach().clone() for n, p in model.named_parameters()}
     return {"coords": _coords(ctx), "ok": ok, "params": params}
+
+
+def attention_worker(hf_config: dict, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> dict:
+    """Megatron's local DotProductAttention and SDPACoreAttention on the same inputs."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from hpt_megatron.models.attention import SDPACoreAttention
+    from hpt_megatron.models.gpt import transformer_config
+
+    init_parallel(1, 1)
+    config = transformer_config(arch_config_from_hf(hf_config), 1, 1, torch.float32, "local")
+    args = (config, 1, AttnMaskType.causal, "self")
+    with torch.no_grad():
+        return {"local": DotProductAttention(*args)(q, k, v, mask), "sdpa": SDPACoreAttention(*args)(q, k, v, mask)}
+
+
+def gpu_logits_worker(root: str, kind: str, tokens: torch.Tensor) -> dict:
+    """bf16 logits of the local and SDPA specs on one GPU (NCCL), from the fp32 checkpoint."""
+    ctx = init_parallel(1, 1)
+    arch = arch_config_from_hf(Path(root) / kind)
+    out = {}
+    for spec in ("local", "sdpa"):
+        model = build_gpt_model(arch, ctx, spec=spec)
+        load_model(megatron_dir(root, kind, 1, 1), model, ctx, arch)
+        out[spec] = _logits(model, ctx, tokens, arch.vocab_size)
+    return out

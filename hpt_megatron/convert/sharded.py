@@ -192,7 +192,9 @@ def write_layout(directory: str | Path, layout: ShardLayout) -> None:
 def read_layout(directory: str | Path) -> ShardLayout:
     path = Path(directory) / LAYOUT_FILE
     if not path.is_file():
-        raise ValueError(f"{path}: missing; {directory} is not a sharded checkpoint")
+        old = Path(directory).parent / f".{Path(directory).name}.old"
+        hint = f" (an overwrite was interrupted: the previous checkpoint is in {old})" if old.is_dir() else ""
+        raise ValueError(f"{path}: missing; {directory} is not a sharded checkpoint{hint}")
     with open(path, encoding="utf-8") as f:
         data = json.load(f)
     if data.get("format") != FORMAT_NAME or data.get("version") != FORMAT_VERSION:
@@ -219,8 +221,9 @@ def atomic_directory(final: str | Path, overwrite: bool = False) -> Iterator[Pat
     Under ``torch.distributed`` every rank must enter (all ranks write into the same temporary
     directory on a shared filesystem; rank 0 creates and commits it, with barriers around).
     If the body raises (or the process dies), ``final`` is untouched: a previous checkpoint there
-    stays loadable. With ``overwrite`` an existing ``final`` is replaced; the old copy is moved aside
-    first and deleted only after the new one is in place.
+    stays loadable. With ``overwrite`` an existing ``final`` is replaced; the old copy is renamed to
+    ``.NAME.old`` first and deleted only after the new one is in place (a crash between those two
+    renames leaves it there; :func:`read_layout` points to it). Prefer a new directory per step.
 
     Raises:
         ValueError: ``final`` exists and ``overwrite`` is False.

@@ -42,6 +42,7 @@ def test_wrong_tensor_or_missing_tensor(tmp_path):
     writer = StreamingSafetensorsWriter(tmp_path / "x", specs)
     with pytest.raises(ValueError, match=r"a declared \[2\] torch.float32, got \[3\]"):
         writer.write(torch.zeros(3))
+    writer.file.close()
     w = StreamingSafetensorsWriter(tmp_path / "y", specs)
     w.write(torch.zeros(2))
     with pytest.raises(ValueError, match=r"1 declared tensors never written: \['b'\]"):

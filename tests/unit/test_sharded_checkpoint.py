@@ -178,3 +178,12 @@ def test_existing_directory_needs_overwrite(tmp_path):
 def test_layout_file_is_required(tmp_path):
     with pytest.raises(ValueError, match=r"layout\.json: missing"):
         read_layout(tmp_path)
+
+
+def test_interrupted_overwrite_points_to_the_previous_checkpoint(tmp_path):
+    """A crash between the two renames of an overwrite leaves the old copy aside; say where."""
+    final = tmp_path / "ckpt"
+    _checkpoint(final, seed=0)
+    final.rename(tmp_path / ".ckpt.old")
+    with pytest.raises(ValueError, match=r"overwrite was interrupted: the previous checkpoint is in .*\.ckpt\.old"):
+        read_layout(final)

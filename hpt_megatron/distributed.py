@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import pickle
 import socket
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -194,7 +195,10 @@ def launch(
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world_size)}
     queue = ctx.SimpleQueue()
     procs = [
-        ctx.Process(target=_worker, args=(fn, args, {**env, "RANK": str(r)}, threads_per_process, queue))
+        ctx.Process(
+            target=_worker,
+            args=(fn, args, {**env, "RANK": str(r), "LOCAL_RANK": str(r)}, threads_per_process, queue),
+        )
         for r in range(world_size)
     ]
     for p in procs:
@@ -237,8 +241,6 @@ def _worker(fn, args, env, threads, queue) -> None:
 
 
 def _collect(queue, procs, timeout_s: float) -> dict[int, Any]:
-    import time
-
     deadline = time.monotonic() + timeout_s
     results: dict[int, Any] = {}
     while len(results) < len(procs):

@@ -136,8 +136,8 @@ def check_megatron_version() -> str:
         supported = ", ".join(f"{s}.x" for s in SUPPORTED_MEGATRON_SERIES)
         raise UnsupportedMegatronVersionError(
             f"megatron-core {version} is not supported by the CPU patch (patches/megatron_cpu.py); "
-            f"supported: {supported}. Install a supported version (pip install 'megatron-core>=0.16,<0.17' "
-            f"on Python 3.11) or check the patched symbols against the new version and add it."
+            f"supported: {supported}. Install a supported version (0.16.x on Python 3.11, 0.19.x on 3.12), "
+            f"or check the patched symbols against the new version and add its series."
         )
     missing = [f"{mod}.{attr}" for mod, attr in _MEGATRON_SYMBOLS if not _has_symbol(mod, attr)]
     if missing:

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from hpt_megatron.models.arch import ArchConfig, check_parallel_layout, rope_inv_freq
+from hpt_megatron.models.arch import ArchConfig, arch_config_from_hf, check_parallel_layout, rope_inv_freq
 from hpt_megatron.models.specs import HAVE_TE, layer_spec, resolve_spec_name
 
 FP8_FORMATS = ("e4m3", "hybrid")
@@ -140,7 +141,7 @@ def transformer_config(
 
 
 def build_gpt_model(
-    arch: ArchConfig,
+    arch: ArchConfig | str | Path | Mapping,
     ctx,
     spec: str = "auto",
     dtype: torch.dtype | None = None,
@@ -151,7 +152,7 @@ def build_gpt_model(
     """This rank's pipeline stage of a GPTModel for ``arch``.
 
     Args:
-        arch: parsed model config.
+        arch: parsed model config, or a HF ``config.json`` path / model directory / dict.
         ctx: the :class:`~hpt_megatron.distributed.ParallelContext` (its tp/pp sizes and stage).
         spec: layer spec, one of ``auto | te | local | sdpa``.
         dtype: parameter dtype (default: fp32 on CPU, bf16 on GPU).
@@ -165,6 +166,8 @@ def build_gpt_model(
     """
     from megatron.core.models.gpt import GPTModel
 
+    if not isinstance(arch, ArchConfig):
+        arch = arch_config_from_hf(arch)
     config = transformer_config(arch, ctx.tp_size, ctx.pp_size, dtype, spec, fp8, overrides)
     model = GPTModel(
         config=config,

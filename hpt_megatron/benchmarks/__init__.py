@@ -1,0 +1,1 @@
+"""Benchmarks (speed and memory targets live here, not in unit tests)."""

@@ -1,0 +1,71 @@
+"""``hpt-convert``: HF <-> sharded Megatron checkpoints on one machine, no process group needed.
+
+hpt-convert hf-to-megatron --hf-dir Qwen2.5-1.5B --output-dir ckpt/tp2pp1 --tp 2 --pp 1 [--dtype bf16]
+hpt-convert megatron-to-hf --megatron-dir ckpt/tp2pp1 --output-dir Qwen2.5-1.5B-tuned [--dtype bf16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from hpt_megatron.convert.hf_io import DTYPES
+from hpt_megatron.convert.offline import DEFAULT_MAX_SHARD_BYTES, hf_to_megatron, megatron_to_hf
+
+PROG = "hpt-convert"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    to_mg = sub.add_parser("hf-to-megatron", help="HF safetensors -> sharded Megatron checkpoint")
+    to_mg.add_argument("--hf-dir", required=True, help="HF model directory (config.json + *.safetensors)")
+    to_mg.add_argument("--output-dir", required=True)
+    to_mg.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    to_mg.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    _common(to_mg)
+
+    to_hf = sub.add_parser("megatron-to-hf", help="sharded Megatron checkpoint (any TP/PP) -> HF directory")
+    to_hf.add_argument("--megatron-dir", required=True)
+    to_hf.add_argument("--output-dir", required=True)
+    to_hf.add_argument(
+        "--max-shard-gb",
+        type=float,
+        default=DEFAULT_MAX_SHARD_BYTES / 1024**3,
+        help="size of each HF shard file",
+    )
+    _common(to_hf)
+    return parser
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="output dtype (default: keep)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the converter; returns the process exit code (2 on a user error, with its message)."""
+    args = build_parser().parse_args(argv)
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    try:
+        if args.command == "hf-to-megatron":
+            out = hf_to_megatron(
+                args.hf_dir, args.output_dir, args.tp, args.pp, dtype, args.overwrite, not args.no_progress
+            )
+        else:
+            max_bytes = int(args.max_shard_gb * 1024**3)
+            out = megatron_to_hf(
+                args.megatron_dir, args.output_dir, dtype, args.overwrite, max_bytes, not args.no_progress
+            )
+    except ValueError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+    print(f"{PROG}: wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

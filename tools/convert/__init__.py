@@ -1,0 +1,1 @@
+"""Checkpoint conversion scripts; the logic lives in ``hpt_megatron.convert.cli``."""

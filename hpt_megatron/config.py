@@ -15,7 +15,6 @@ there, otherwise against the working directory.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +31,7 @@ from hpt_megatron.config_io import (
     set_dotted,
     to_plain,
 )
+from hpt_megatron.models.arch import arch_config_from_hf, check_parallel_layout
 
 QWEN_MATH_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -393,25 +393,13 @@ def _validate_model(cfg: Config) -> None:
     if not path.is_file():
         raise ConfigError(f"{key}: {str(path)!r} does not exist")
     try:
-        hf = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{key}: {path} is not valid JSON ({e})") from None
-    tp, pp = cfg.parallel.tp, cfg.parallel.pp
-    heads = hf.get("num_attention_heads")
-    kv = hf.get("num_key_value_heads", heads)
-    layers = hf.get("num_hidden_layers")
-    for name, value in (("num_attention_heads", heads), ("num_hidden_layers", layers)):
-        if not isinstance(value, int):
-            raise ConfigError(f"{key}: {path} has no integer {name!r}")
-    if heads % tp or kv % tp:
-        raise ConfigError(
-            f"parallel.tp={tp} must divide the model's attention heads ({heads}) and key/value heads ({kv}) "
-            f"from {path}; choose a tp that divides both"
-        )
-    if layers % pp:
-        raise ConfigError(
-            f"parallel.pp={pp} must divide the model's {layers} layers (num_hidden_layers in {path})"
-        )
+        arch = arch_config_from_hf(path)
+    except ValueError as e:
+        raise ConfigError(f"{key}: {e}") from None
+    try:
+        check_parallel_layout(arch, cfg.parallel.tp, cfg.parallel.pp, "parallel.tp", "parallel.pp")
+    except ValueError as e:
+        raise ConfigError(f"{e} (model: {path})") from None
 
 
 def _validate_algo(algo: AlgoConfig, key: str, n: int) -> None:

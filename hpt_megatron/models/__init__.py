@@ -1,4 +1,10 @@
-"""Megatron-Core model providers: HF config -> ArchConfig -> GPTModel stage (TE / local / SDPA specs)."""
+"""Megatron-Core model providers: HF config -> ArchConfig -> GPTModel stage (TE / local / SDPA specs).
+
+``arch`` imports no megatron, so configs are validated without it; the model builders are imported
+on first use.
+"""
+
+import importlib
 
 from hpt_megatron.models.arch import (
     ARCHITECTURES,
@@ -9,8 +15,24 @@ from hpt_megatron.models.arch import (
     rope_inv_freq,
     stage_layers,
 )
-from hpt_megatron.models.gpt import FP8Options, build_gpt_model, default_dtype, transformer_config
-from hpt_megatron.models.specs import HAVE_TE, SPEC_NAMES, layer_spec, resolve_spec_name
+
+_LAZY = {
+    "FP8Options": "gpt",
+    "build_gpt_model": "gpt",
+    "default_dtype": "gpt",
+    "transformer_config": "gpt",
+    "HAVE_TE": "specs",
+    "SPEC_NAMES": "specs",
+    "layer_spec": "specs",
+    "resolve_spec_name": "specs",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"hpt_megatron.models.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'hpt_megatron.models' has no attribute {name!r}")
+
 
 __all__ = [
     "ARCHITECTURES",

@@ -243,15 +243,16 @@ def rope_inv_freq(arch: ArchConfig) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
-def check_parallel_layout(arch: ArchConfig, tp: int, pp: int) -> None:
-    """Raise ValueError when ``arch`` cannot be split ``tp`` x ``pp`` ways; names the key and the fix."""
+def check_parallel_layout(arch: ArchConfig, tp: int, pp: int, tp_key: str = "tp", pp_key: str = "pp") -> None:
+    """Raise ValueError when ``arch`` cannot be split ``tp`` x ``pp`` ways; names the key and the fix.
+    ``tp_key`` / ``pp_key`` are the names the caller's user knows (``parallel.tp``, ``--tp``)."""
     if tp < 1 or pp < 1:
-        raise ValueError(f"tp={tp} and pp={pp} must be >= 1")
+        raise ValueError(f"{tp_key}={tp} and {pp_key}={pp} must be >= 1")
     checks = (
-        ("num_attention_heads", arch.num_heads, tp, "tp"),
-        ("num_key_value_heads", arch.num_kv_heads, tp, "tp"),
-        ("intermediate_size", arch.ffn_hidden_size, tp, "tp"),
-        ("num_hidden_layers", arch.num_layers, pp, "pp"),
+        ("num_attention_heads", arch.num_heads, tp, tp_key),
+        ("num_key_value_heads", arch.num_kv_heads, tp, tp_key),
+        ("intermediate_size", arch.ffn_hidden_size, tp, tp_key),
+        ("num_hidden_layers", arch.num_layers, pp, pp_key),
     )
     for key, value, size, name in checks:
         if value % size != 0:

@@ -22,6 +22,8 @@ QWEN_LIKE = {
     "num_hidden_layers": 4,
     "intermediate_size": 128,
     "vocab_size": 300,
+    "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 128,
 }
 
 
@@ -173,12 +175,18 @@ def test_wrong_types(recipe):
 
 def test_impossible_combinations(recipe):
     path = recipe("")
+    model = Path(path).parent / "model.json"
     assert error_of(path, ["parallel.tp=3", "cluster.devices_per_node=3"]) == (
-        f"{path}: parallel.tp=3 must divide the model's attention heads (4) and key/value heads (2) from "
-        f"{Path(path).parent / 'model.json'}; choose a tp that divides both"
+        f"{path}: num_attention_heads=4 is not divisible by parallel.tp=3; choose parallel.tp in [1, 2, 4] "
+        f"(model: {model})"
+    )
+    assert error_of(path, ["parallel.tp=4", "cluster.devices_per_node=4"]) == (
+        f"{path}: num_key_value_heads=2 is not divisible by parallel.tp=4; choose parallel.tp in [1, 2] "
+        f"(model: {model})"
     )
     assert error_of(path, ["parallel.pp=3", "cluster.devices_per_node=3"]) == (
-        f"{path}: parallel.pp=3 must divide the model's 4 layers (num_hidden_layers in {Path(path).parent / 'model.json'})"
+        f"{path}: num_hidden_layers=4 is not divisible by parallel.pp=3; choose parallel.pp in [1, 2, 4] "
+        f"(model: {model})"
     )
     assert error_of(path, ["parallel.tp=2"]) == (
         f"{path}: parallel.tp * parallel.pp = 2 does not divide the world size 1 "
@@ -197,6 +205,13 @@ def test_impossible_combinations(recipe):
         f"{path}: algo.terms.sft.advantage is 'grpo', but SFT rows carry no reward; "
         "use advantage {name: constant} for a term that covers source 'sft'"
     )
+
+
+def test_unsupported_architecture(recipe, tmp_path):
+    path = recipe("")
+    (tmp_path / "model.json").write_text(json.dumps(dict(QWEN_LIKE, architectures=["GPT2LMHeadModel"])))
+    msg = error_of(path)
+    assert msg.startswith(f"{path}: model.hf_config: ") and "GPT2LMHeadModel" in msg and "Qwen2ForCausalLM" in msg
 
 
 def test_model_errors(tmp_path):

@@ -185,5 +185,7 @@ def test_interrupted_overwrite_points_to_the_previous_checkpoint(tmp_path):
     final = tmp_path / "ckpt"
     _checkpoint(final, seed=0)
     final.rename(tmp_path / ".ckpt.old")
-    with pytest.raises(ValueError, match=r"overwrite was interrupted: the previous checkpoint is in .*\.ckpt\.old"):
+    with pytest.raises(
+        ValueError, match=r"overwrite was interrupted: the previous checkpoint is in .*\.ckpt\.old"
+    ):
         read_layout(final)

@@ -211,7 +211,11 @@ def test_unsupported_architecture(recipe, tmp_path):
     path = recipe("")
     (tmp_path / "model.json").write_text(json.dumps(dict(QWEN_LIKE, architectures=["GPT2LMHeadModel"])))
     msg = error_of(path)
-    assert msg.startswith(f"{path}: model.hf_config: ") and "GPT2LMHeadModel" in msg and "Qwen2ForCausalLM" in msg
+    assert (
+        msg.startswith(f"{path}: model.hf_config: ")
+        and "GPT2LMHeadModel" in msg
+        and "Qwen2ForCausalLM" in msg
+    )
 
 
 def test_model_errors(tmp_path):

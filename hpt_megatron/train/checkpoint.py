@@ -1,0 +1,99 @@
+"""Actor checkpoints: model, optimizer moments (and fp32 master weights under bf16), LR scheduler,
+RNG states and the step, in the sharded safetensors format of ``hpt_megatron.convert`` - so a
+checkpoint loads at any TP/PP layout and converts to Hugging Face with ``hpt-convert``.
+
+    step_dir/
+      layout.json                 tp, pp, architecture (written by rank 0)
+      model/tpXX-ppYY.safetensors parameters
+      optim/exp_avg/..., optim/exp_avg_sq/..., optim/main_param/... (bf16 runs only)
+      rng/rank00000.safetensors   per-rank RNG states (restored when the layout is the same)
+      meta.json                   step, optimizer step, scheduler state, caller's metadata
+
+Written atomically (a temporary sibling renamed into place): a save killed halfway leaves the
+previous checkpoint untouched. No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from hpt_megatron.convert import atomic_directory, load_model, load_state, read_layout, save_model, save_state
+from hpt_megatron.train.optim import MOMENTS, load_optimizer_state, optimizer_state_by_name
+
+META = "meta.json"
+
+
+def save_checkpoint(actor, directory: str | Path, meta: dict) -> None:
+    """Every rank calls this (collective); ``meta`` (JSON-able) is written by rank 0."""
+    ctx, arch, model = actor.ctx, actor.arch, actor.model
+    state, opt_step = optimizer_state_by_name(actor.optimizer, model)
+    params = dict(model.named_parameters())
+    needs_main = any(state["main_param"][n] is not p for n, p in params.items())
+    with atomic_directory(directory) as tmp:
+        save_model(tmp, model, ctx, arch)
+        for key in (*MOMENTS, "main_param") if needs_main else MOMENTS:
+            save_state(tmp, state[key], model, ctx, arch, f"optim/{key}")
+        _save_rng(tmp, ctx)
+        if ctx.rank == 0:
+            record = {"optimizer_step": opt_step, "scheduler": actor.scheduler.state_dict(), **meta}
+            (tmp / META).write_text(json.dumps(record, indent=1))
+
+
+def load_checkpoint(actor, directory: str | Path) -> dict:
+    """Restore model, optimizer and scheduler (any layout); returns the saved metadata."""
+    directory = Path(directory)
+    ctx, arch, model = actor.ctx, actor.arch, actor.model
+    meta = json.loads((directory / META).read_text())
+    load_model(directory, model, ctx, arch)
+    state = {k: load_state(directory, model, ctx, arch, f"optim/{k}") for k in MOMENTS}
+    if (directory / "optim" / "main_param").is_dir():
+        state["main_param"] = load_state(directory, model, ctx, arch, "optim/main_param")
+    else:
+        state["main_param"] = {n: p.detach().float() for n, p in model.named_parameters()}
+    load_optimizer_state(actor.optimizer, model, state, int(meta["optimizer_step"]))
+    actor.scheduler.load_state_dict(meta["scheduler"])
+    _load_rng(directory, ctx)
+    return meta
+
+
+def _rng_path(directory: Path, rank: int) -> Path:
+    return directory / "rng" / f"rank{rank:05d}.safetensors"
+
+
+def _save_rng(directory: Path, ctx) -> None:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    states = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state()
+    for name, st in get_cuda_rng_tracker().get_states().items():
+        states[f"tracker/{name}"] = st
+    path = _rng_path(directory, ctx.rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in states.items()}, str(path))
+
+
+def _load_rng(directory: Path, ctx) -> None:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    layout = read_layout(directory)
+    path = _rng_path(directory, ctx.rank)
+    if (layout.tp, layout.pp) != (ctx.tp_size, ctx.pp_size) or not path.exists():
+        warnings.warn(
+            f"{directory}: saved at tp={layout.tp} pp={layout.pp}, loading at tp={ctx.tp_size} pp={ctx.pp_size}: "
+            "RNG states are not restored (runs reseed per step, so results do not depend on them)",
+            stacklevel=2,
+        )
+        return
+    states = load_file(str(path))
+    torch.set_rng_state(states["torch"])
+    if torch.cuda.is_available() and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"])
+    tracker = {k.removeprefix("tracker/"): v for k, v in states.items() if k.startswith("tracker/")}
+    if tracker:
+        get_cuda_rng_tracker().set_states(tracker)

@@ -49,7 +49,7 @@ class ActorOptions:
     micro_batch_tokens: int = 32768
     packed: bool = False
     temperature: float = 1.0  # sampling temperature: log-probs are of logits / temperature
-    logprob_chunk: int = 1024
+    logprob_chunk: int | None = None  # tokens per chunk; default: ~256 MiB of fp32 logits per chunk
     log_entropy: bool = True  # compute the policy entropy every step even when the loss does not use it
 
 

@@ -23,8 +23,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-DEFAULT_CHUNK = 1024
-
 
 def _all_reduce(t: Tensor, op, group) -> Tensor:
     if group is not None and dist.get_world_size(group) > 1:
@@ -32,17 +30,26 @@ def _all_reduce(t: Tensor, op, group) -> Tensor:
     return t
 
 
+def _scaled(x: Tensor, dtype: torch.dtype, temperature: float) -> Tensor:
+    """``x / temperature`` in ``dtype``; without a copy when nothing changes (callers never write it)."""
+    x = x.to(dtype)
+    return x if temperature == 1.0 else x / temperature
+
+
 def _chunk_stats(z: Tensor, targets: Tensor, vocab_start: int, group, with_entropy: bool):
-    """Global (lse, target logit, sum p*z) of one chunk of fp32 scaled logits ``z`` [C, V_valid]."""
+    """Global (lse, target logit, sum p*z) of one chunk of scaled logits ``z`` [C, V_valid].
+    One [C, V] temporary besides ``z``."""
     local_max = z.max(dim=-1).values if z.shape[-1] else z.new_full(z.shape[:1], float("-inf"))
     m = _all_reduce(local_max, dist.ReduceOp.MAX, group)
-    e = torch.exp(z - m[:, None])
     local = targets - vocab_start
     owned = (local >= 0) & (local < z.shape[-1])
-    target_z = torch.where(owned, z.gather(-1, local.clamp(0, z.shape[-1] - 1)[:, None]).squeeze(-1), 0.0)
+    target_z = torch.where(
+        owned, z.gather(-1, local.clamp(0, max(z.shape[-1] - 1, 0))[:, None]).squeeze(-1), 0.0
+    )
+    e = (z - m[:, None]).exp_()
     parts = [e.sum(-1), target_z]
     if with_entropy:
-        parts.append((e * z).sum(-1))
+        parts.append(e.mul_(z).sum(-1))
     stacked = _all_reduce(torch.stack(parts), dist.ReduceOp.SUM, group)
     lse = m + torch.log(stacked[0])
     ez = stacked[2] / stacked[0] if with_entropy else None
@@ -54,6 +61,11 @@ def _compute_dtype(logits: Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
+def default_chunk(vocab_local: int, budget_elements: int = 64 * 2**20) -> int:
+    """Tokens per chunk so that one [chunk, V_local] fp32 temporary is about 256 MiB."""
+    return max(1, budget_elements // max(vocab_local, 1))
+
+
 class _VocabParallelLogProb(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, vocab_start, n_valid, group, temperature, chunk, with_entropy):
@@ -62,7 +74,7 @@ class _VocabParallelLogProb(torch.autograd.Function):
         entropy = torch.empty(s, dtype=dtype, device=logits.device) if with_entropy else None
         lse_all = torch.empty(s, dtype=dtype, device=logits.device)
         for a in range(0, s, chunk):
-            z = logits[a : a + chunk, :n_valid].to(dtype) / temperature
+            z = _scaled(logits[a : a + chunk, :n_valid], dtype, temperature)
             lse, target_z, ez = _chunk_stats(z, targets[a : a + chunk], vocab_start, group, with_entropy)
             lse_all[a : a + chunk] = lse
             logp[a : a + chunk] = target_z - lse
@@ -76,22 +88,26 @@ class _VocabParallelLogProb(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_logp, g_entropy, _g_lse):
+        """grad z = -p * (g_logp + g_ent * (log p + H)) + [j == target] * g_logp, two [C, V] buffers."""
         logits, targets, lse_all, entropy = ctx.saved_tensors
         grad = torch.zeros_like(logits)  # padded vocabulary columns get no gradient
-        v_local = ctx.n_valid
+        v = ctx.n_valid
         for a in range(0, logits.shape[0], ctx.chunk):
             sl = slice(a, a + ctx.chunk)
-            z = logits[sl, :v_local].to(lse_all.dtype) / ctx.temperature
-            log_p = z - lse_all[sl, None]
-            p = torch.exp(log_p)
-            g = -p * g_logp[sl, None]
-            local = targets[sl] - ctx.vocab_start
-            owned = (local >= 0) & (local < v_local)
-            rows = torch.nonzero(owned).squeeze(-1)
-            g[rows, local[rows]] += g_logp[sl][rows]
+            log_p = _scaled(logits[sl, :v], lse_all.dtype, ctx.temperature) - lse_all[sl, None]
+            p = log_p.exp()
             if ctx.with_entropy:
-                g -= p * (log_p + entropy[sl, None]) * g_entropy[sl, None]
-            grad[sl, :v_local] = (g / ctx.temperature).to(grad.dtype)
+                log_p.add_(entropy[sl, None]).mul_(g_entropy[sl, None]).add_(g_logp[sl, None])
+            else:
+                log_p.copy_(g_logp[sl, None].expand_as(log_p))
+            g = log_p.mul_(p).neg_()
+            del p
+            local = targets[sl] - ctx.vocab_start
+            rows = torch.nonzero((local >= 0) & (local < v)).squeeze(-1)
+            g[rows, local[rows]] += g_logp[sl][rows]
+            if ctx.temperature != 1.0:
+                g.div_(ctx.temperature)
+            grad[sl, :v] = g
         return grad, None, None, None, None, None, None, None
 
 
@@ -103,7 +119,7 @@ def vocab_parallel_logprobs(
     vocab_size: int | None = None,
     group=None,
     temperature: float = 1.0,
-    chunk: int = DEFAULT_CHUNK,
+    chunk: int | None = None,
     with_entropy: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Log-prob of each target token and (optionally) the entropy of each token's distribution.
@@ -121,6 +137,7 @@ def vocab_parallel_logprobs(
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     v_local = logits_SV.shape[-1]
+    chunk = chunk or default_chunk(v_local)
     n_valid = v_local if vocab_size is None else max(0, min(v_local, vocab_size - vocab_start))
     logp, entropy, _ = _VocabParallelLogProb.apply(
         logits_SV, targets_S, vocab_start, n_valid, group, float(temperature), int(chunk), bool(with_entropy)

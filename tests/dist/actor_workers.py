@@ -122,3 +122,54 @@ def resume_worker(root: str, kind: str, tp: int, pp: int, ckpt: str) -> dict:
     meta = load_checkpoint(actor, ckpt)
     history = _train(actor, hpt_batch(), 1)
     return {"meta_step": meta["step"], "history": history, "weights": _hf_weights(actor)}
+
+
+def skip_worker(root: str, kind: str, skip_above: float | None, poison: bool) -> dict:
+    """One step that must be skipped: grad norm above ``skip_above``, or NaN advantages (``poison``)."""
+    import dataclasses
+
+    ctx = init_parallel(1, 1)
+    arch = arch_config_from_hf(Path(root) / kind)
+    optim = dataclasses.replace(OPTIM, skip_grad_norm_above=skip_above)
+    actor = MegatronActor(arch, ctx, optim, total_steps=10, options=ActorOptions(spec="local"))
+    load_model(Path(root) / f"{kind}-mg", actor.model, actor.ctx, actor.arch)
+    before = {n: p.detach().clone() for n, p in actor.model.named_parameters()}
+    batch = hpt_batch()
+    if poison:
+        batch.advantages = {k: torch.full_like(v, float("nan")) for k, v in batch.advantages.items()}
+    algo = get_preset("hpt").build()
+    batch.old_logp_BT = actor.compute_logprobs(batch)["logp_BT"]
+    out = actor.train_step(batch, algo, count_rows(algo, batch.source_B, batch.loss_mask_BT))
+    unchanged = all(torch.equal(before[n], p.detach()) for n, p in actor.model.named_parameters())
+    return {"skipped": out["skipped"], "reason": out["reason"], "unchanged": unchanged, "lr": out["lr"]}
+
+
+def interrupted_save_worker(root: str, kind: str, ckpt: str) -> dict:
+    """Save, train a step, then a second save into the same directory dies halfway: the first
+    checkpoint must still load, with the first step's weights."""
+    import hpt_megatron.train.checkpoint as ckpt_mod
+
+    actor = _actor(root, kind, 1, 1)
+    load_model(Path(root) / f"{kind}-mg", actor.model, actor.ctx, actor.arch)
+    save_checkpoint(actor, ckpt, {"step": 0})
+    saved = {n: p.detach().clone() for n, p in actor.model.named_parameters()}
+    _train(actor, hpt_batch(), 1)
+    real_save_state, calls = ckpt_mod.save_state, []
+
+    def dying_save_state(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("disk full (simulated)")
+        return real_save_state(*args, **kwargs)
+
+    ckpt_mod.save_state = dying_save_state
+    try:
+        save_checkpoint(actor, ckpt + "-next", {"step": 1})
+    except OSError:
+        pass
+    finally:
+        ckpt_mod.save_state = real_save_state
+    fresh = _actor(root, kind, 1, 1)
+    meta = load_checkpoint(fresh, ckpt)
+    same = all(torch.equal(saved[n], p.detach()) for n, p in fresh.model.named_parameters())
+    return {"meta_step": meta["step"], "restored": same, "next_exists": Path(ckpt + "-next").exists()}

@@ -147,3 +147,16 @@ def test_resume_at_another_layout(root, tmp_path):
     assert last["grad_norm"] == pytest.approx(ref_last["grad_norm"], rel=1e-5)
     for name, t in ref["weights"].items():
         torch.testing.assert_close(resumed["weights"][name], t, rtol=0, atol=2e-6, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("skip_above", "poison", "reason"), [(1e-12, False, "grad_norm>1e-12"), (None, True, "nonfinite")]
+)
+def test_bad_steps_are_skipped(root, skip_above, poison, reason):
+    out = launch(W.skip_worker, 1, args=(str(root), "qwen2_tied", skip_above, poison))[0]
+    assert out["skipped"] and out["reason"] == reason and out["unchanged"]
+
+
+def test_interrupted_save_keeps_the_previous_checkpoint(root, tmp_path):
+    out = launch(W.interrupted_save_worker, 1, args=(str(root), "qwen2_tied", str(tmp_path / "ckpt")))[0]
+    assert out == {"meta_step": 0, "restored": True, "next_exists": False}

@@ -18,40 +18,7 @@ from pathlib import Path
 
 import torch
 
-SHAPES = {
-    "qwen2.5-1.5b": {
-        "architectures": ["Qwen2ForCausalLM"],
-        "model_type": "qwen2",
-        "hidden_size": 1536,
-        "intermediate_size": 8960,
-        "num_hidden_layers": 28,
-        "num_attention_heads": 12,
-        "num_key_value_heads": 2,
-        "vocab_size": 151936,
-        "max_position_embeddings": 32768,
-        "rms_norm_eps": 1e-6,
-        "rope_theta": 1000000.0,
-        "tie_word_embeddings": True,
-        "hidden_act": "silu",
-        "use_sliding_window": False,
-    },
-    "qwen2.5-7b": {
-        "architectures": ["Qwen2ForCausalLM"],
-        "model_type": "qwen2",
-        "hidden_size": 3584,
-        "intermediate_size": 18944,
-        "num_hidden_layers": 28,
-        "num_attention_heads": 28,
-        "num_key_value_heads": 4,
-        "vocab_size": 152064,
-        "max_position_embeddings": 32768,
-        "rms_norm_eps": 1e-6,
-        "rope_theta": 1000000.0,
-        "tie_word_embeddings": False,
-        "hidden_act": "silu",
-        "use_sliding_window": False,
-    },
-}
+from hpt_megatron.benchmarks.shapes import SHAPES
 
 
 def write_random_hf(config: dict, directory: Path, dtype: torch.dtype, max_shard_bytes: int) -> int:

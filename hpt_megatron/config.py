@@ -78,7 +78,8 @@ class ClusterConfig:
     num_nodes: int = 1
     devices_per_node: int = 1  # GPUs per node, or CPU worker processes
     device: Literal["auto", "cuda", "cpu"] = "auto"
-    ray_address: str | None = None  # None: start a local Ray instance
+    ray_address: str | None = None  # None: start a local Ray instance (when Ray is used)
+    use_ray: bool = False  # run a single rank as a Ray worker too (more ranks always use Ray)
     colocate: bool = True  # rollout engines share the actor's devices
 
     @property
@@ -162,6 +163,11 @@ class TrainerConfig:
     resume: str = "none"  # none | auto | a checkpoint directory
     max_bad_steps: int = 3  # stop after this many NaN/inf steps in a row
     phases: list[PhaseConfig] = field(default_factory=list)
+
+    @property
+    def updates_per_step(self) -> int:
+        """Optimizer steps per training step (for the LR schedule's length)."""
+        return self.ppo_epochs * (self.prompts_per_step // self.mini_batch_prompts)
 
 
 @dataclass

@@ -1,6 +1,13 @@
 """HF <-> Megatron weight mapping, the sharded checkpoint format, offline conversion and live export."""
 
-from hpt_megatron.convert.checkpoint import checkpoint_layout, load_model, load_state, save_model, save_state
+from hpt_megatron.convert.checkpoint import (
+    checkpoint_layout,
+    load_hf_model,
+    load_model,
+    load_state,
+    save_model,
+    save_state,
+)
 from hpt_megatron.convert.export import WeightManifest, export_hf_weights, hf_manifest, verify_weights
 from hpt_megatron.convert.mapping import (
     canonical_names,
@@ -31,6 +38,7 @@ __all__ = [
     "hf_manifest",
     "hf_to_megatron",
     "iter_tensors",
+    "load_hf_model",
     "load_model",
     "load_sharded",
     "load_state",

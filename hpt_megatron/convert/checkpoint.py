@@ -110,3 +110,28 @@ def load_model(
     params = dict(model.named_parameters())
     for local, tensor in load_state(directory, model, ctx, arch, prefix).items():
         params[local].copy_(tensor)
+
+
+@torch.no_grad()
+def load_hf_model(hf_dir: str | Path, model: torch.nn.Module, ctx, arch: ArchConfig) -> None:
+    """Copy a Hugging Face checkpoint's weights into this rank's Megatron shard in place (reads
+    only this stage's tensors, lazily, one at a time)."""
+    from hpt_megatron.convert.hf_io import HFReader
+    from hpt_megatron.convert.mapping import stage_tensors
+    from hpt_megatron.convert.sharded import shard_tensor
+
+    reader = HFReader(hf_dir)
+    local_of = {c: n for n, c in canonical_names(model).items()}
+    params = dict(model.named_parameters())
+    padded = arch.padded_vocab_size(ctx.tp_size)
+    for bound in stage_tensors(arch, ctx.pp_size, ctx.pp_rank):
+        if bound.megatron not in local_of:
+            continue
+        full = bound.to_megatron([reader.get(h) for h in bound.hf], arch, padded)
+        param = params[local_of[bound.megatron]]
+        shard = shard_tensor(full, bound.split, ctx.tp_size, ctx.tp_rank)
+        if shard.shape != param.shape:
+            raise ValueError(
+                f"{hf_dir}: {bound.megatron} has shape {list(shard.shape)}, the model expects {list(param.shape)}"
+            )
+        param.copy_(shard)

@@ -1,0 +1,110 @@
+"""What the driver sees of the workers: one object whose methods fan out to every rank and merge
+the results. ``LocalCluster`` runs a single worker in-process; ``RayCluster`` (ray_cluster.py)
+runs one worker per device as Ray actors. Both implement ``_call_all`` / ``_call_each``.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import torch
+
+from hpt_megatron.algo import AlgoConfig, Counts, merge_metrics
+from hpt_megatron.rollout import Completion, SamplingParams
+from hpt_megatron.train.batching import TrainBatch
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Cluster:
+    world_size: int = 1
+
+    # implemented by subclasses: run a worker method on every rank (same or per-rank arguments)
+    def _call_all(self, method: str, *args: Any) -> list[Any]:
+        raise NotImplementedError
+
+    def _call_each(self, method: str, args_per_rank: list[tuple]) -> list[Any]:
+        raise NotImplementedError
+
+    def shutdown(self) -> None:
+        pass
+
+    # ---- the step --------------------------------------------------------------------------------------
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        """Prompts split evenly over the ranks' rollout engines; results back in prompt order."""
+        n = self.world_size
+        bounds = [len(prompts) * r // n for r in range(n + 1)]
+        shards = [(prompts[bounds[r] : bounds[r + 1]], params) for r in range(n)]
+        return [c for part in self._call_each("generate", shards) for c in part]
+
+    def compute_logprobs(self, batch: TrainBatch, with_entropy: bool = False) -> dict[str, torch.Tensor | None]:
+        """Log-probs (and entropy) of every row of ``batch`` under the current weights."""
+        reports = [r for r in self._call_all("compute_logprobs", batch, with_entropy) if r is not None]
+        logp = torch.zeros_like(batch.loss_mask_BT, dtype=torch.float32)
+        entropy = torch.zeros_like(logp) if with_entropy else None
+        for r in reports:
+            if r["rows"]:
+                logp[r["rows"]] = r["logp_BT"].float()
+                if entropy is not None:
+                    entropy[r["rows"]] = r["entropy_BT"].float()
+        return {"logp_BT": logp, "entropy_BT": entropy}
+
+    def train_step(self, batch: TrainBatch, algo: AlgoConfig, counts: Counts) -> dict:
+        """One optimizer step; metrics summed over data-parallel groups (they are additive)."""
+        outs = self._call_all("train_step", batch, algo, counts)
+        metrics = merge_metrics([o["metrics"] for o in outs if o["metrics"]])
+        first = outs[0]
+        metrics.update({"actor/grad_norm": first["grad_norm"], "actor/lr": first["lr"]})
+        return {"metrics": metrics, "skipped": first["skipped"], "reason": first["reason"]}
+
+    def sync_weights(self) -> dict[str, float]:
+        return self._call_all("sync_weights")[0]
+
+    def sleep_engines(self) -> None:
+        self._call_all("sleep_engine")
+
+    def save(self, directory: str, meta: dict) -> None:
+        self._call_all("save", directory, meta)
+
+    def load(self, directory: str) -> dict:
+        return self._call_all("load", directory)[0]
+
+    def export_hf(self, directory: str) -> None:
+        self._call_all("export_hf", directory)
+
+
+class LocalCluster(Cluster):
+    """One worker in this process (TP = PP = DP = 1): the simplest way to run on a laptop."""
+
+    def __init__(self, cfg):
+        from hpt_megatron.cluster.worker import PolicyWorker
+
+        if cfg.cluster.world_size != 1:
+            raise ValueError("LocalCluster runs one rank; use the Ray cluster for cluster.devices_per_node > 1")
+        self.world_size = 1
+        self.worker = PolicyWorker(cfg, 0, 1, "127.0.0.1", free_port())
+
+    def _call_all(self, method: str, *args: Any) -> list[Any]:
+        return [getattr(self.worker, method)(*args)]
+
+    def _call_each(self, method: str, args_per_rank: list[tuple]) -> list[Any]:
+        return [getattr(self.worker, method)(*args_per_rank[0])]
+
+    def shutdown(self) -> None:
+        from hpt_megatron.distributed import destroy_parallel
+
+        destroy_parallel()
+
+
+def make_cluster(cfg) -> Cluster:
+    if cfg.cluster.world_size == 1 and cfg.cluster.ray_address is None and not cfg.cluster.use_ray:
+        return LocalCluster(cfg)
+    from hpt_megatron.cluster.ray_cluster import RayCluster
+
+    return RayCluster(cfg)

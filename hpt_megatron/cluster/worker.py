@@ -1,0 +1,170 @@
+"""One rank of the job: a Megatron actor and its colocated rollout engine.
+
+The driver talks to workers only through these methods (in-process for one rank, as Ray actors
+otherwise); every method that runs collectives must be called on all ranks together.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from hpt_megatron.algo import AlgoConfig, Counts
+from hpt_megatron.config import Config
+from hpt_megatron.rollout import Completion, SamplingParams
+from hpt_megatron.train.batching import TrainBatch
+
+logger = logging.getLogger("hpt_megatron")
+
+
+def model_dtype(cfg: Config) -> torch.dtype:
+    if cfg.model.dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.model.dtype]
+
+
+def load_tokenizer(cfg: Config):
+    from transformers import AutoTokenizer
+
+    source = cfg.model.tokenizer or cfg.model.path
+    if not source:
+        raise ValueError(
+            "model.tokenizer (or model.path) must name a directory with a Hugging Face tokenizer"
+        )
+    return AutoTokenizer.from_pretrained(source)
+
+
+class PolicyWorker:
+    def __init__(
+        self, cfg: Config, rank: int, world_size: int, master_addr: str, master_port: int, threads: int = 0
+    ):
+        os.environ.update(
+            RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR=master_addr, MASTER_PORT=str(master_port)
+        )
+        os.environ.setdefault("LOCAL_RANK", str(rank % max(cfg.cluster.devices_per_node, 1)))
+        if threads:
+            torch.set_num_threads(threads)
+        from hpt_megatron.distributed import init_parallel
+        from hpt_megatron.models import FP8Options, arch_config_from_hf
+        from hpt_megatron.train.actor import ActorOptions, MegatronActor
+
+        self.cfg = cfg
+        self.ctx = init_parallel(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.trainer.seed)
+        self.arch = arch_config_from_hf(str(cfg.model.config_json()))
+        fp8 = FP8Options(
+            cfg.model.fp8, cfg.model.fp8_recipe, cfg.model.fp8_param, cfg.model.first_last_layers_bf16
+        )
+        options = ActorOptions(
+            spec=cfg.model.layer_spec,
+            dtype=model_dtype(cfg),
+            fp8=fp8 if cfg.model.fp8 else None,
+            micro_batch_tokens=cfg.trainer.micro_batch_tokens,
+            temperature=cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0,
+        )
+        total = sum(p.steps for p in cfg.trainer.phases) or cfg.trainer.total_steps
+        self.actor = MegatronActor(
+            self.arch, self.ctx, cfg.optim, total * cfg.trainer.updates_per_step, options
+        )
+        self._load_initial_weights()
+        self.tokenizer = load_tokenizer(cfg)
+        self.engine = self._make_engine()
+        self.sync_weights()
+
+    # ---- setup ---------------------------------------------------------------------------------------
+
+    def _load_initial_weights(self) -> None:
+        from hpt_megatron.convert import load_hf_model, load_model
+
+        m = self.cfg.model
+        if m.megatron_checkpoint:
+            load_model(m.megatron_checkpoint, self.actor.model, self.ctx, self.arch)
+        elif m.path:
+            load_hf_model(m.path, self.actor.model, self.ctx, self.arch)
+        # otherwise: Megatron's random initialisation, seeded by trainer.seed
+
+    def _make_engine(self):
+        from transformers import AutoConfig
+
+        if self.cfg.rollout.engine == "vllm":
+            from hpt_megatron.rollout.vllm_engine import VLLMEngine
+
+            if not self.cfg.model.path:
+                raise ValueError(
+                    "rollout.engine=vllm needs model.path (a Hugging Face checkpoint to start vLLM from)"
+                )
+            return VLLMEngine(
+                self.cfg.model.path,
+                tp=self.cfg.rollout.tp,
+                gpu_memory_utilization=self.cfg.rollout.gpu_memory_utilization,
+                seed=self.cfg.trainer.seed,
+            )
+        from hpt_megatron.rollout.hf_engine import HFEngine
+
+        hf = {
+            k: v for k, v in self.arch.hf_config.items() if k not in ("architectures", "transformers_version")
+        }
+        config = AutoConfig.for_model(**hf)
+        device = self.ctx.device if self.ctx.device.type == "cuda" else "cpu"
+        dtype = torch.float32 if device == "cpu" else model_dtype(self.cfg)
+        return HFEngine.from_config(config, self.tokenizer, device=device, dtype=dtype)
+
+    # ---- the step -------------------------------------------------------------------------------------
+
+    def info(self) -> dict:
+        c = self.ctx
+        return {
+            "rank": c.rank,
+            "tp_rank": c.tp_rank,
+            "pp_rank": c.pp_rank,
+            "dp_rank": c.dp_rank,
+            "reports": self.actor.reports,
+        }
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        return self.engine.generate(prompts, params) if prompts else []
+
+    def compute_logprobs(self, batch: TrainBatch, with_entropy: bool = False) -> dict | None:
+        return self.actor.compute_logprobs(batch, with_entropy)
+
+    def train_step(self, batch: TrainBatch, algo: AlgoConfig, counts: Counts) -> dict:
+        return self.actor.train_step(batch, algo, counts)
+
+    def sync_weights(self) -> dict:
+        """Stream the actor's weights (Megatron -> HF names, bucketed) into the rollout engine."""
+        from hpt_megatron.convert import hf_manifest
+
+        start = time.perf_counter()
+        dtype = torch.float32 if self.ctx.device.type == "cpu" else model_dtype(self.cfg)
+        manifest = hf_manifest(self.arch, dtype)
+        buckets = self.actor.export_weights(self.cfg.rollout.bucket_mb * 2**20, dtype=dtype)
+        self.engine.load_weights(buckets, manifest)
+        self.engine.wake()
+        return {
+            "perf/weight_sync_s": time.perf_counter() - start,
+            "perf/weight_sync_bytes": float(manifest.total_bytes),
+        }
+
+    def sleep_engine(self) -> None:
+        self.engine.sleep()
+
+    def save(self, directory: str, meta: dict) -> None:
+        from hpt_megatron.train.checkpoint import save_checkpoint
+
+        save_checkpoint(self.actor, directory, meta)
+
+    def load(self, directory: str) -> dict:
+        from hpt_megatron.train.checkpoint import load_checkpoint
+
+        meta = load_checkpoint(self.actor, directory)
+        self.sync_weights()
+        return meta
+
+    def export_hf(self, directory: str) -> None:
+        """Write the current weights as a Hugging Face checkpoint (rank 0 writes; collective)."""
+        from hpt_megatron.train.hf_export import save_hf_checkpoint
+
+        save_hf_checkpoint(self.actor, Path(directory), self.tokenizer)

@@ -1,0 +1,169 @@
+"""Building and closing a training run: run directory, data, verifier, workers, resume; and at
+the end the final checkpoint (Megatron and Hugging Face formats), plots and a one-screen summary."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from hpt_megatron.config import Config
+from hpt_megatron.observability.metrics import MetricsLogger, read_jsonl, truncate_jsonl
+
+
+@dataclass
+class RunData:
+    tokenizer: object
+    train: object  # hpt_megatron.data.PromptDataset
+    val: object | None
+    sampler: object  # hpt_megatron.data.PromptSampler
+
+
+def needs_demonstrations(cfg: Config) -> bool:
+    from hpt_megatron.algo import Source
+
+    algos = [p.algo for p in cfg.trainer.phases] or [cfg.algo]
+    return any(s != Source.RL for a in algos for s in a.gate.sources)
+
+
+def load_data(cfg: Config) -> RunData:
+    from hpt_megatron.cluster.worker import load_tokenizer
+    from hpt_megatron.data import PromptSampler, build_prompt_dataset
+
+    d = cfg.data
+    if not d.train_files:
+        raise ValueError("data.train_files is empty; list the training parquet/jsonl files")
+    tokenizer = load_tokenizer(cfg)
+    common = dict(
+        tokenizer=tokenizer,
+        on_bad_row=d.on_bad_row,
+        template=d.template,
+        system_prompt=d.system_prompt,
+        default_system_prompt=d.default_system_prompt,
+        max_prompt_len=d.max_prompt_len,
+        on_long_prompt=d.on_overlong_prompt,
+        max_response_len=d.max_response_len,
+    )
+    train = build_prompt_dataset(d.train_files, require_demonstration=needs_demonstrations(cfg), **common)
+    val = build_prompt_dataset(d.val_files, **common) if d.val_files else None
+    sampler = PromptSampler(len(train), batch_size=cfg.trainer.prompts_per_step, seed=cfg.trainer.seed, shuffle=d.shuffle)
+    return RunData(tokenizer, train, val, sampler)
+
+
+def prepare_run_dir(cfg: Config) -> Path:
+    run_dir = Path(cfg.trainer.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return run_dir
+
+
+def setup_run(cfg: Config):
+    from hpt_megatron.cluster.base import make_cluster
+    from hpt_megatron.reward import GradeConfig, Verifier
+    from hpt_megatron.trainer import Run, latest_checkpoint
+
+    run_dir = prepare_run_dir(cfg)
+    resume_from = _resume_path(cfg, run_dir, latest_checkpoint)
+    if resume_from is None and (run_dir / "metrics.jsonl").exists():
+        (run_dir / "metrics.jsonl").unlink()  # a fresh run in an old directory starts a fresh log
+    data = load_data(cfg)
+    r = cfg.reward
+    verifier = Verifier(
+        num_workers=r.num_workers,
+        timeout_s=r.timeout_s,
+        memory_limit_mb=r.memory_limit_mb,
+        config=GradeConfig(
+            answer_fallback=r.answer_fallback, choice_by_letter=r.choice_by_letter, max_response_chars=r.max_response_chars
+        ),
+    )
+    cluster = make_cluster(cfg)
+    sink = MetricsLogger(run_dir, jsonl=cfg.logging.jsonl, tensorboard=cfg.logging.tensorboard)
+    run = Run(cfg=cfg, run_dir=run_dir, data=data, verifier=verifier, cluster=cluster, sink=sink)
+    if resume_from is not None:
+        meta = cluster.load(str(resume_from))
+        data.sampler.load_state_dict(meta["sampler"])
+        run.start_step, run.bad_steps = int(meta["step"]), int(meta.get("bad_steps", 0))
+        truncate_jsonl(run_dir / "metrics.jsonl", run.start_step)
+        print(f"resumed from {resume_from} at step {run.start_step}", flush=True)
+    return run
+
+
+def _resume_path(cfg: Config, run_dir: Path, latest_checkpoint) -> Path | None:
+    resume = cfg.trainer.resume
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return latest_checkpoint(run_dir)
+    path = Path(resume)
+    if not (path / "meta.json").is_file():
+        raise ValueError(f"trainer.resume={resume!r} is not a checkpoint directory (no meta.json); use 'auto' or 'none'")
+    return path
+
+
+def finish(run, seconds: float) -> None:
+    """Final checkpoint in Megatron format and as a Hugging Face model, plots, summary."""
+    from hpt_megatron.observability.plots import plot_metrics
+    from hpt_megatron.trainer import save_checkpoint
+
+    final = save_checkpoint(run, run.total_steps)
+    hf_dir = run.run_dir / "hf"
+    run.cluster.export_hf(str(hf_dir))
+    records = read_jsonl(run.run_dir / "metrics.jsonl") if (run.run_dir / "metrics.jsonl").exists() else []
+    plot = plot_metrics(records, run.run_dir / "plots.png")
+    summary = summarize(run, records, seconds, final, hf_dir, plot)
+    (run.run_dir / "summary.txt").write_text(summary + "\n")
+    print("\n" + summary, flush=True)
+
+
+def summarize(run, records: list[dict], seconds: float, final: Path, hf_dir: Path, plot) -> str:
+    def series(key: str) -> list[float]:
+        return [r[key] for r in records if r.get(key) is not None]
+
+    acc, sft, ev = series("rollout/accuracy"), series("hpt/sft_fraction"), series("eval/accuracy")
+    lines = [
+        f"run {run.run_dir}  ({run.total_steps} steps, {seconds / 60:.1f} min)",
+        f"  algorithm        {run.cfg.algo.preset}" + (f" (+{len(run.cfg.trainer.phases)} phases)" if run.cfg.trainer.phases else ""),
+    ]
+    if ev:
+        lines.append(f"  held-out acc     {ev[0]:.3f} (first eval) -> {ev[-1]:.3f} (last)")
+    if acc:
+        lines.append(f"  rollout acc      {acc[0]:.3f} -> {acc[-1]:.3f}")
+    if sft:
+        lines.append(f"  SFT fraction     {sft[0]:.3f} -> {sft[-1]:.3f}")
+    lines += [
+        f"  checkpoint       {final}",
+        f"  hugging face     {hf_dir}",
+        f"  metrics          {run.run_dir / 'metrics.jsonl'} (TensorBoard: {run.run_dir / 'tensorboard'})",
+    ]
+    if plot:
+        lines.append(f"  plots            {plot}")
+    return "\n".join(lines)
+
+
+def teardown(run) -> None:
+    run.sink.close()
+    run.verifier.close()
+    run.cluster.shutdown()
+
+
+def describe_plan(cfg: Config) -> str:
+    """The --dry-run report: the layout and what each rank holds."""
+    from hpt_megatron.models import arch_config_from_hf
+
+    arch = arch_config_from_hf(str(cfg.model.config_json()))
+    return json.dumps(
+        {
+            "model": str(cfg.model.config_json()),
+            "layers": arch.num_layers,
+            "hidden": arch.hidden_size,
+            "world_size": cfg.cluster.world_size,
+            "tp": cfg.parallel.tp,
+            "pp": cfg.parallel.pp,
+            "dp": cfg.dp,
+            "algorithm": cfg.algo.preset,
+        },
+        indent=1,
+    )
+

@@ -1,0 +1,316 @@
+"""The training loop, as Algorithm 1 of the paper:
+
+    for each step:
+        prompts  -> n rollouts each (rollout engines)          generate
+        rollouts -> rewards (verifier)                          score
+        rewards  -> per-prompt routing (HPT gate)               route
+        routing  -> one batch of RL / off-policy / SFT rows     build_step_batch (advantages here)
+        batch    -> pi_old log-probs (when needed)              old_logprobs
+        batch    -> mini-batch updates                          update
+        actor    -> rollout engines                             sync_weights
+        metrics, checkpoint, evaluation
+
+Every preset runs through this same loop; multi-phase runs (SFT then GRPO) switch the algorithm at
+phase boundaries. SIGTERM / SIGUSR1 finish the current step, checkpoint, and exit with code 75
+(``PREEMPTED``); ``trainer.resume=auto`` continues from the latest checkpoint with the same results
+as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from hpt_megatron.algo import AlgoConfig, Source, count_rows, plan_rows
+from hpt_megatron.config import Config
+from hpt_megatron.observability.metrics import MetricsLogger, print_rank0
+from hpt_megatron.observability.timing import ProfileWindow, StageTimer
+from hpt_megatron.rollout import SamplingParams
+from hpt_megatron.train.step_batch import build_step_batch, mini_batches
+
+PREEMPTED = 75
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+@dataclass
+class Run:
+    cfg: Config
+    run_dir: Path
+    data: object  # hpt_megatron.run_setup.RunData
+    verifier: object
+    cluster: object
+    sink: MetricsLogger
+    start_step: int = 0
+    bad_steps: int = 0
+    stop_signal: str | None = None
+    last_eval: dict = field(default_factory=dict)
+
+    @property
+    def total_steps(self) -> int:
+        return sum(p.steps for p in self.cfg.trainer.phases) or self.cfg.trainer.total_steps
+
+    def algo_at(self, step: int) -> AlgoConfig:
+        end = 0
+        for phase in self.cfg.trainer.phases:
+            end += phase.steps
+            if step < end:
+                return phase.algo
+        return self.cfg.algo
+
+
+# ---- one step -------------------------------------------------------------------------------------
+
+
+def generate(run: Run, prompts: list[list[int]], n: int, step: int):
+    r = run.cfg.rollout
+    params = SamplingParams(
+        n=n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,
+        stop=tuple(r.stop), seed=run.cfg.trainer.seed * 1_000_003 + step,
+    )
+    return run.cluster.generate(prompts, params)
+
+
+def score(run: Run, items, completions) -> torch.Tensor:
+    """Binary rewards [G, N] from the verifier's worker pool."""
+    n = len(completions[0]) if completions else 0
+    if n == 0:
+        return torch.zeros(len(items), 0, dtype=torch.float64)
+    queries = [(c.text, it.example.ground_truth, it.example.data_source) for it, cs in zip(items, completions) for c in cs]
+    results = run.verifier.score(queries)
+    return torch.tensor([s.reward for s in results], dtype=torch.float64).view(len(items), n)
+
+
+def demonstrations(run: Run, items, plan) -> tuple[dict[int, list[int]], dict[int, float]]:
+    """Token ids of the demonstrations the plan uses; in-group demonstrations are also scored (their
+    reward enters the group's advantage)."""
+    needed = {g for g, s in zip(plan.prompt, plan.source) if s != Source.RL}
+    ids = {g: run.data.train.demonstration_ids(items[g].index) for g in needed}
+    in_group = sorted({g for g, s in zip(plan.prompt, plan.source) if s == Source.OFFPOLICY})
+    rewards = {}
+    if in_group:
+        tok = run.data.tokenizer
+        queries = [(tok.decode(ids[g], skip_special_tokens=True), items[g].example.ground_truth, items[g].example.data_source) for g in in_group]
+        rewards = {g: s.reward for g, s in zip(in_group, run.verifier.score(queries))}
+    return ids, rewards
+
+
+def old_logprobs(run: Run, batch, metrics: dict) -> None:
+    """pi_old for the update, and the rollout-engine vs actor log-prob mismatch on RL tokens."""
+    out = run.cluster.compute_logprobs(batch)
+    batch.old_logp_BT = out["logp_BT"].to(batch.loss_mask_BT.dtype)
+    rl = (batch.source_B == int(Source.RL))[:, None] * batch.loss_mask_BT
+    if rl.sum() > 0 and batch.rollout_logp_BT is not None:
+        diff = (batch.old_logp_BT - batch.rollout_logp_BT) * rl
+        n = float(rl.sum())
+        metrics["rollout/logp_mismatch_abs"] = float(diff.abs().sum()) / n
+        metrics["rollout/logp_mismatch_max"] = float(diff.abs().max())
+        metrics["rollout/logp_mismatch_k3"] = float(((torch.exp(diff) - diff - 1) * rl).sum()) / n
+
+
+def update(run: Run, step_batch, num_prompts: int, algo: AlgoConfig) -> dict:
+    """ppo_epochs passes over mini-batches of prompts, one optimizer step each."""
+    parts, skipped = [], []
+    for _ in range(run.cfg.trainer.ppo_epochs):
+        for rows in mini_batches(step_batch, num_prompts, run.cfg.trainer.mini_batch_prompts):
+            sub = step_batch.batch.select(rows)
+            out = run.cluster.train_step(sub, algo, count_rows(algo, sub.source_B, sub.loss_mask_BT))
+            parts.append(out["metrics"])
+            skipped.append(out["reason"] if out["skipped"] else "")
+    metrics = {k: sum(p.get(k, 0.0) for p in parts) / len(parts) for k in parts[0]} if parts else {}
+    metrics["actor/updates"] = float(len(parts))
+    metrics["actor/skipped_updates"] = float(sum(1 for s in skipped if s))
+    metrics["actor/nonfinite_updates"] = float(sum(1 for s in skipped if s == "nonfinite"))
+    return metrics
+
+
+def train_step(run: Run, step: int) -> dict:
+    cfg, algo, timer = run.cfg, run.algo_at(step), StageTimer(nvtx=cfg.profile.nvtx)
+    items = run.data.train.batch(next(run.data.sampler))
+    prompts = [it.prompt_ids for it in items]
+    n_roll = algo.gate.rollouts_per_prompt(cfg.rollout.n)
+    with timer.stage("rollout"):
+        completions = generate(run, prompts, n_roll, step) if n_roll else [[] for _ in prompts]
+        run.cluster.sleep_engines()
+    with timer.stage("reward"):
+        rewards = score(run, items, completions)
+    with timer.stage("gate"):
+        routing = algo.gate.route(rewards)
+        plan = plan_rows(routing, n_roll, algo.drop_uniform_groups)
+        demos, demo_rewards = demonstrations(run, items, plan)
+        step_batch = build_step_batch(plan, prompts, completions, demos, rewards, demo_rewards, algo)
+    metrics = step_metrics(routing, rewards, completions, plan)
+    if step_batch is not None:
+        batch = step_batch.batch
+        metrics["rollout/empty_responses"] = float(step_batch.skipped_empty)
+        if algo.needs_old_logp or (batch.source_B == int(Source.RL)).any():
+            with timer.stage("old_logprobs"):
+                old_logprobs(run, batch, metrics)
+        with timer.stage("update"):
+            metrics.update(update(run, step_batch, len(items), algo))
+        metrics["perf/train_tokens"] = float(batch.loss_mask_BT.sum())
+    with timer.stage("weight_sync"):
+        metrics.update(run.cluster.sync_weights())
+    metrics.update(timer.metrics())
+    total = sum(timer.seconds.values())
+    metrics["perf/step_s"] = total
+    metrics["perf/train_tokens_per_s"] = metrics.get("perf/train_tokens", 0.0) / max(timer.seconds.get("update", 0.0), 1e-9)
+    metrics["perf/generated_tokens_per_s"] = metrics["rollout/generated_tokens"] / max(timer.seconds["rollout"], 1e-9)
+    metrics["perf/samples_per_s"] = len(items) / max(total, 1e-9)
+    return metrics
+
+
+def step_metrics(routing, rewards, completions, plan) -> dict:
+    g = routing.num_prompts
+    lengths = [len(c.token_ids) for cs in completions for c in cs]
+    truncated = [c.finish_reason == "length" for cs in completions for c in cs]
+    m = {
+        "hpt/sft_fraction": float((routing.sft_coef_G > 0).sum()) / g,
+        "hpt/offpolicy_fraction": float(routing.off_G.sum()) / g,
+        "hpt/rl_fraction": float((routing.rl_coef_G > 0).sum()) / g,
+        "hpt/uniform_groups": float(routing.uniform_G.sum()),
+        "hpt/rows": float(len(plan)),
+        "rollout/generated_tokens": float(sum(lengths)),
+    }
+    if rewards.numel():
+        m.update({
+            "rollout/accuracy": float((rewards > 0.5).double().mean()),
+            "reward/mean": float(rewards.mean()),
+            "rollout/response_len": sum(lengths) / len(lengths),
+            "rollout/truncated_fraction": sum(truncated) / len(truncated),
+            "hpt/P_mean": float(routing.p_G.mean()),
+        })
+    return m
+
+
+# ---- evaluation, checkpoints ----------------------------------------------------------------------
+
+
+def evaluate(run: Run, step: int) -> dict:
+    """Accuracy on the validation prompts (eval.* sampling), overall and per data source."""
+    data = run.data.val
+    if data is None:
+        return {}
+    e = run.cfg.eval
+    params = SamplingParams(n=1, temperature=e.temperature, top_p=e.top_p, max_new_tokens=e.max_new_tokens,
+                            seed=run.cfg.trainer.seed + 7919 * step)
+    items = data.batch(range(len(data)))
+    completions = run.cluster.generate([it.prompt_ids for it in items], params)
+    rewards = score(run, items, completions)[:, 0]
+    metrics = {"eval/accuracy": float((rewards > 0.5).double().mean())}
+    for source in sorted({it.example.data_source for it in items}):
+        sel = torch.tensor([it.example.data_source == source for it in items])
+        metrics[f"eval/{source}/accuracy"] = float((rewards[sel] > 0.5).double().mean())
+    return metrics
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step_{step:08d}"
+
+
+def save_checkpoint(run: Run, step: int) -> Path:
+    """Collective save of the actor + the driver's state; ``checkpoints/latest`` names it."""
+    path = checkpoint_dir(run.run_dir, step)
+    meta = {"step": step, "sampler": run.data.sampler.state_dict(), "bad_steps": run.bad_steps}
+    run.cluster.save(str(path), meta)
+    latest = run.run_dir / "checkpoints" / "latest"
+    tmp = latest.with_suffix(".tmp")
+    tmp.write_text(path.name + "\n")
+    tmp.replace(latest)
+    _prune(run.run_dir / "checkpoints", run.cfg.trainer.keep_last)
+    return path
+
+
+def _prune(directory: Path, keep: int) -> None:
+    import shutil
+
+    steps = sorted(p for p in directory.glob("step_*") if p.is_dir())
+    for old in steps[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    latest = run_dir / "checkpoints" / "latest"
+    if not latest.is_file():
+        return None
+    path = run_dir / "checkpoints" / latest.read_text().strip()
+    return path if path.is_dir() else None
+
+
+# ---- the run --------------------------------------------------------------------------------------
+
+
+def install_signal_handlers(run: Run) -> None:
+    def request_stop(signum, _frame):
+        run.stop_signal = signal.Signals(signum).name
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, request_stop)
+
+
+def fit(run: Run) -> int:
+    from tqdm import tqdm
+
+    cfg = run.cfg
+    window = ProfileWindow(cfg.profile.steps, 0, cfg.profile.ranks, cfg.profile.torch_profiler, str(run.run_dir / "profile"))
+    bar = tqdm(total=run.total_steps, initial=run.start_step, desc="hpt", disable=not cfg.logging.progress, dynamic_ncols=True)
+    for step in range(run.start_step, run.total_steps):
+        window.step_begin(step)
+        metrics = train_step(run, step)
+        window.step_end(step)
+        run.bad_steps = run.bad_steps + 1 if metrics.get("actor/nonfinite_updates", 0) else 0
+        done = step + 1
+        if cfg.trainer.eval_every and (done % cfg.trainer.eval_every == 0 or done == run.total_steps):
+            run.last_eval = evaluate(run, done)
+            metrics.update(run.last_eval)
+        run.sink.log(done, metrics)
+        bar.update(1)
+        bar.set_postfix(_postfix(metrics, run.last_eval))
+        if run.bad_steps >= cfg.trainer.max_bad_steps:
+            print_rank0(f"stopping: {run.bad_steps} steps in a row had non-finite losses or gradients")
+            return 1
+        if run.stop_signal:
+            path = save_checkpoint(run, done)
+            print_rank0(f"\n{run.stop_signal}: checkpoint at {path}; exiting with {PREEMPTED} (resume with --resume auto)")
+            return PREEMPTED
+        if cfg.trainer.save_every and done % cfg.trainer.save_every == 0 and done < run.total_steps:
+            save_checkpoint(run, done)
+    bar.close()
+    return 0
+
+
+def _postfix(metrics: dict, last_eval: dict) -> dict:
+    keys = {"acc": "rollout/accuracy", "sft": "hpt/sft_fraction", "loss": "loss/total"}
+    out = {k: f"{metrics[v]:.3f}" for k, v in keys.items() if v in metrics}
+    if "eval/accuracy" in last_eval:
+        out["eval"] = f"{last_eval['eval/accuracy']:.3f}"
+    return out
+
+
+def main(cfg: Config, dry_run: bool = False) -> int:
+    from hpt_megatron.run_setup import describe_plan, finish, setup_run, teardown
+
+    if dry_run:
+        print(describe_plan(cfg))
+        return 0
+    run = setup_run(cfg)
+    install_signal_handlers(run)
+    start = time.time()
+    try:
+        code = fit(run)
+        if code == 0:
+            finish(run, time.time() - start)
+        return code
+    finally:
+        teardown(run)
+
+
+if __name__ == "__main__":
+    from hpt_megatron.cli import train_main
+
+    sys.exit(train_main())
+

@@ -129,7 +129,8 @@ def update(run: Run, step_batch, num_prompts: int, algo: AlgoConfig) -> dict:
 
 
 def train_step(run: Run, step: int) -> dict:
-    cfg, algo, timer = run.cfg, run.algo_at(step), StageTimer(nvtx=cfg.profile.nvtx)
+    cfg, algo = run.cfg, run.algo_at(step)
+    timer = StageTimer(nvtx=cfg.profile.nvtx)
     items = run.data.train.batch(next(run.data.sampler))
     prompts = [it.prompt_ids for it in items]
     n_roll = algo.gate.rollouts_per_prompt(cfg.rollout.n)

@@ -65,7 +65,7 @@ def build_step_batch(
 def _rollout_logp(batch: TrainBatch, rows, logps) -> torch.Tensor:
     """The sampling engine's log-probs at each response target position (0 elsewhere)."""
     out = torch.zeros_like(batch.loss_mask_BT)
-    for i, ((ids, prompt_len), lp) in enumerate(zip(rows, logps)):
+    for i, ((_, prompt_len), lp) in enumerate(zip(rows, logps)):
         if lp:
             out[i, prompt_len - 1 : prompt_len - 1 + len(lp)] = torch.tensor(lp, dtype=out.dtype)
     return out

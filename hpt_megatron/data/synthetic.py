@@ -37,6 +37,7 @@ DATA_SOURCE = "synthetic_arith"
 OPERATIONS = ("add", "sub", "mul")
 OPERATOR_SYMBOL = {"add": "+", "sub": "-", "mul": "*"}
 SPLITS = ("train", "val")
+_MAX_MISSES_IN_A_ROW = 20_000
 
 NAMES = (("Tom", "he"), ("Ann", "she"), ("Ben", "he"), ("Mia", "she"),
          ("Sam", "he"), ("Eva", "she"), ("Leo", "he"), ("Zoe", "she"))
@@ -178,13 +179,15 @@ def generate_problems(n: int, *, split: str, seed: int, difficulty: Difficulty =
     rng = random.Random(f"hpt-synthetic/{split}/{seed}")
     problems: list[Problem] = []
     seen: set[str] = set()
-    budget = 100 * n + 10_000
-    while len(problems) < n and budget > 0:
-        budget -= 1
+    misses = 0  # draws in a row that gave nothing new: the space of problems is exhausted when large
+    while len(problems) < n and misses < _MAX_MISSES_IN_A_ROW:
         problem = sample_problem(rng, difficulty)
-        if split_of(problem, val_fraction=val_fraction) == split and problem.question() not in seen:
-            seen.add(problem.question())
-            problems.append(problem)
+        if split_of(problem, val_fraction=val_fraction) != split or problem.question() in seen:
+            misses += 1
+            continue
+        misses = 0
+        seen.add(problem.question())
+        problems.append(problem)
     if len(problems) < n:
         raise ValueError(f"found only {len(problems)} distinct {split} problems of the {n} asked for; "
                          "ask for fewer or widen the difficulty (more steps, larger numbers)")

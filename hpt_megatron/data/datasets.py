@@ -43,8 +43,10 @@ class LoadReport:
 
     def summary(self) -> str:
         total = sum(self.rows_read.values())
-        lines = [f"read {total} rows from {len(self.rows_read)} file(s): kept {self.kept}, "
-                 f"skipped {sum(self.skipped.values())}"]
+        lines = [
+            f"read {total} rows from {len(self.rows_read)} file(s): kept {self.kept}, "
+            f"skipped {sum(self.skipped.values())}"
+        ]
         for reason, count in self.skipped.most_common():
             lines.append(f"  skipped {count}: {reason} (first at {self.first_skipped_at[reason]})")
         return "\n".join(lines)
@@ -70,8 +72,10 @@ def _iter_parquet(path: Path) -> Iterator[tuple[int, str, Mapping[str, Any] | Ba
     names = parquet.schema_arrow.names
     missing = [c for c in REQUIRED_COLUMNS if c not in names]
     if missing:
-        raise ValueError(f"{path}: column(s) {', '.join(map(repr, missing))} missing (columns: "
-                         f"{', '.join(names)}); every row needs data_source, prompt and reward_model")
+        raise ValueError(
+            f"{path}: column(s) {', '.join(map(repr, missing))} missing (columns: "
+            f"{', '.join(names)}); every row needs data_source, prompt and reward_model"
+        )
     index = 0
     for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS):
         for row in batch.to_pylist():
@@ -88,12 +92,24 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, str, Mapping[str, Any] | BadR
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                yield number, location, BadRow(None, "is not valid JSON", "fix or remove the line",
-                                               detail=f"{err.msg} at column {err.colno}")
+                yield (
+                    number,
+                    location,
+                    BadRow(
+                        None,
+                        "is not valid JSON",
+                        "fix or remove the line",
+                        detail=f"{err.msg} at column {err.colno}",
+                    ),
+                )
                 continue
             if not isinstance(row, dict):
-                row = BadRow(None, "is not a JSON object", "write one {field: value} object per line",
-                             detail=f"got {type(row).__name__}")
+                row = BadRow(
+                    None,
+                    "is not a JSON object",
+                    "write one {field: value} object per line",
+                    detail=f"got {type(row).__name__}",
+                )
             yield number, location, row
 
 
@@ -138,8 +154,12 @@ def load_examples(
             try:
                 if isinstance(row, BadRow):
                     raise row
-                example = parse_row(row, uid=f"{prefix}:{index}", location=location,
-                                    require_demonstration=require_demonstration)
+                example = parse_row(
+                    row,
+                    uid=f"{prefix}:{index}",
+                    location=location,
+                    require_demonstration=require_demonstration,
+                )
             except BadRow as err:
                 if on_bad_row == "error":
                     raise ValueError(f"{path} {location.split(' ', 1)[1]}: {err}") from err

@@ -41,13 +41,18 @@ class DataReport:
     truncated_demonstrations: set[int] = field(default_factory=set)
 
     def summary(self) -> str:
-        return (f"{self.load.summary()}\n  prompts over max_prompt_len skipped: {self.too_long_prompts}; "
-                f"longest kept prompt: {self.max_prompt_tokens} tokens; demonstrations truncated so far: "
-                f"{len(self.truncated_demonstrations)}")
+        return (
+            f"{self.load.summary()}\n  prompts over max_prompt_len skipped: {self.too_long_prompts}; "
+            f"longest kept prompt: {self.max_prompt_tokens} tokens; demonstrations truncated so far: "
+            f"{len(self.truncated_demonstrations)}"
+        )
 
 
 def filter_long_prompts(
-    examples: Sequence[Example], prompt_ids: Sequence[Sequence[int]], *, max_prompt_len: int,
+    examples: Sequence[Example],
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    max_prompt_len: int,
     on_long_prompt: str,
 ) -> tuple[list[int], int]:
     """Indices of prompts within ``max_prompt_len`` tokens, and how many were over (skip policy)."""
@@ -59,17 +64,26 @@ def filter_long_prompts(
         if len(ids) <= max_prompt_len:
             keep.append(i)
         elif on_long_prompt == "error":
-            raise ValueError(f"{examples[i].location}: field 'prompt' is {len(ids)} tokens after the template, "
-                             f"over data.max_prompt_len={max_prompt_len}; raise data.max_prompt_len or set "
-                             "data.on_long_prompt=skip")
+            raise ValueError(
+                f"{examples[i].location}: field 'prompt' is {len(ids)} tokens after the template, "
+                f"over data.max_prompt_len={max_prompt_len}; raise data.max_prompt_len or set "
+                "data.on_long_prompt=skip"
+            )
     return keep, len(prompt_ids) - len(keep)
 
 
 class PromptDataset(Sequence[PromptItem]):
     """Examples with their prompt token ids; ``demonstration_ids(i)`` tokenizes a demonstration."""
 
-    def __init__(self, examples: Sequence[Example], prompt_ids: Sequence[Sequence[int]], *,
-                 builder: PromptBuilder, max_response_len: int, report: DataReport):
+    def __init__(
+        self,
+        examples: Sequence[Example],
+        prompt_ids: Sequence[Sequence[int]],
+        *,
+        builder: PromptBuilder,
+        max_response_len: int,
+        report: DataReport,
+    ):
         assert len(examples) == len(prompt_ids)
         self.examples = list(examples)
         self._prompt_ids = [np.asarray(ids, dtype=np.int32) for ids in prompt_ids]
@@ -81,8 +95,9 @@ class PromptDataset(Sequence[PromptItem]):
         return len(self.examples)
 
     def __getitem__(self, index: int) -> PromptItem:  # type: ignore[override]
-        return PromptItem(index=index, example=self.examples[index],
-                          prompt_ids=self._prompt_ids[index].tolist())
+        return PromptItem(
+            index=index, example=self.examples[index], prompt_ids=self._prompt_ids[index].tolist()
+        )
 
     def batch(self, indices: Iterable[int]) -> list[PromptItem]:
         return [self[i] for i in indices]
@@ -91,10 +106,13 @@ class PromptDataset(Sequence[PromptItem]):
         """The demonstration + EOS, truncated to max_response_len; ValueError if the row has none."""
         example = self.examples[index]
         if example.demonstration is None:
-            raise ValueError(f"{example.location}: field 'target' is missing, but this prompt needs its "
-                             "demonstration; load training data with require_demonstration=True")
-        ids, truncated = self.builder.encode_demonstration(example.demonstration,
-                                                           max_response_len=self.max_response_len)
+            raise ValueError(
+                f"{example.location}: field 'target' is missing, but this prompt needs its "
+                "demonstration; load training data with require_demonstration=True"
+            )
+        ids, truncated = self.builder.encode_demonstration(
+            example.demonstration, max_response_len=self.max_response_len
+        )
         if truncated:
             self.report.truncated_demonstrations.add(index)
         return ids
@@ -119,19 +137,35 @@ def build_prompt_dataset(
     for name, value in (("max_prompt_len", max_prompt_len), ("max_response_len", max_response_len)):
         if value < 1:
             raise ValueError(f"data.{name}={value} must be at least 1")
-    builder = PromptBuilder(tokenizer, template=template, system_prompt=system_prompt,
-                            default_system_prompt=default_system_prompt, boxed_instruction=boxed_instruction)
-    examples, load_report = load_examples(files, on_bad_row=on_bad_row,
-                                          require_demonstration=require_demonstration)
+    builder = PromptBuilder(
+        tokenizer,
+        template=template,
+        system_prompt=system_prompt,
+        default_system_prompt=default_system_prompt,
+        boxed_instruction=boxed_instruction,
+    )
+    examples, load_report = load_examples(
+        files, on_bad_row=on_bad_row, require_demonstration=require_demonstration
+    )
     prompt_ids = builder.encode_prompts(examples)
-    keep, too_long = filter_long_prompts(examples, prompt_ids, max_prompt_len=max_prompt_len,
-                                         on_long_prompt=on_long_prompt)
-    report = DataReport(load=load_report, too_long_prompts=too_long,
-                        max_prompt_tokens=max((len(prompt_ids[i]) for i in keep), default=0))
+    keep, too_long = filter_long_prompts(
+        examples, prompt_ids, max_prompt_len=max_prompt_len, on_long_prompt=on_long_prompt
+    )
+    report = DataReport(
+        load=load_report,
+        too_long_prompts=too_long,
+        max_prompt_tokens=max((len(prompt_ids[i]) for i in keep), default=0),
+    )
     if not keep:
-        raise ValueError(f"no prompts left from {files} after validation and the length filter:\n"
-                         f"{report.summary()}")
-    dataset = PromptDataset([examples[i] for i in keep], [prompt_ids[i] for i in keep], builder=builder,
-                            max_response_len=max_response_len, report=report)
+        raise ValueError(
+            f"no prompts left from {files} after validation and the length filter:\n{report.summary()}"
+        )
+    dataset = PromptDataset(
+        [examples[i] for i in keep],
+        [prompt_ids[i] for i in keep],
+        builder=builder,
+        max_response_len=max_response_len,
+        report=report,
+    )
     logger.info("prompt data: %s", report.summary())
     return dataset

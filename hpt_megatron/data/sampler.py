@@ -20,15 +20,24 @@ class PromptSampler(Iterator[list[int]]):
     drop_last: skip an epoch's final partial batch (every batch then has exactly batch_size prompts).
     """
 
-    def __init__(self, num_examples: int, *, batch_size: int, seed: int = 0, shuffle: bool = True,
-                 drop_last: bool = True):
+    def __init__(
+        self,
+        num_examples: int,
+        *,
+        batch_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = True,
+    ):
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be at least 1")
         if seed < 0:
             raise ValueError(f"seed={seed} must be a non-negative integer")
         if num_examples < (batch_size if drop_last else 1):
-            raise ValueError(f"{num_examples} prompts cannot fill one batch of {batch_size}; use more "
-                             "data, a smaller batch, or drop_last=False")
+            raise ValueError(
+                f"{num_examples} prompts cannot fill one batch of {batch_size}; use more "
+                "data, a smaller batch, or drop_last=False"
+            )
         self.num_examples = num_examples
         self.batch_size = batch_size
         self.seed = seed
@@ -61,7 +70,7 @@ class PromptSampler(Iterator[list[int]]):
         if left == 0 or (self.drop_last and left < self.batch_size):
             self._next_epoch()
         order = self._epoch_order()
-        batch = order[self.cursor:self.cursor + self.batch_size]
+        batch = order[self.cursor : self.cursor + self.batch_size]
         self.cursor += len(batch)
         return batch.tolist()
 
@@ -69,16 +78,24 @@ class PromptSampler(Iterator[list[int]]):
         return self
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed,
-                "num_examples": self.num_examples, "batch_size": self.batch_size,
-                "shuffle": self.shuffle, "drop_last": self.drop_last}
+        return {
+            "epoch": self.epoch,
+            "cursor": self.cursor,
+            "seed": self.seed,
+            "num_examples": self.num_examples,
+            "batch_size": self.batch_size,
+            "shuffle": self.shuffle,
+            "drop_last": self.drop_last,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the position; the settings must match, or the restored order would differ."""
         for key in ("seed", "num_examples", "batch_size", "shuffle", "drop_last"):
             if state[key] != getattr(self, key):
-                raise ValueError(f"sampler state was saved with {key}={state[key]!r} but this run has "
-                                 f"{key}={getattr(self, key)!r}; resume with the same data and settings")
+                raise ValueError(
+                    f"sampler state was saved with {key}={state[key]!r} but this run has "
+                    f"{key}={getattr(self, key)!r}; resume with the same data and settings"
+                )
         self.epoch = int(state["epoch"])
         self.cursor = int(state["cursor"])
         self._order = None

@@ -72,15 +72,24 @@ def _got(value: Any) -> str:
 
 def _parse_message(value: Any, where: str) -> Message:
     if not isinstance(value, Mapping):
-        raise BadRow(where, "must be a {role, content} message", "store each message as "
-                     "{'role': ..., 'content': ...}", detail=_got(value))
+        raise BadRow(
+            where,
+            "must be a {role, content} message",
+            "store each message as {'role': ..., 'content': ...}",
+            detail=_got(value),
+        )
     role, content = value.get("role"), value.get("content")
     if role not in ROLES:
-        raise BadRow(f"{where}.role", f"must be one of {', '.join(ROLES)}", "use the standard chat roles",
-                     detail=f"got {role!r}")
+        raise BadRow(
+            f"{where}.role",
+            f"must be one of {', '.join(ROLES)}",
+            "use the standard chat roles",
+            detail=f"got {role!r}",
+        )
     if not isinstance(content, str):
-        raise BadRow(f"{where}.content", "must be a string", "store the message text as a string",
-                     detail=_got(content))
+        raise BadRow(
+            f"{where}.content", "must be a string", "store the message text as a string", detail=_got(content)
+        )
     return Message(role=role, content=content)
 
 
@@ -93,15 +102,23 @@ def parse_prompt(value: Any) -> tuple[Message, ...]:
     if value is None:
         raise BadRow("prompt", "is missing", "every row needs a prompt (a list of chat messages)")
     if not _is_list(value):
-        raise BadRow("prompt", "must be a list of {role, content} messages",
-                     "store the question as [{'role': 'user', 'content': ...}]", detail=_got(value))
+        raise BadRow(
+            "prompt",
+            "must be a list of {role, content} messages",
+            "store the question as [{'role': 'user', 'content': ...}]",
+            detail=_got(value),
+        )
     messages = tuple(_parse_message(m, f"prompt[{i}]") for i, m in enumerate(value))
     if not messages:
         raise BadRow("prompt", "is an empty list", "add at least one user message")
     last = len(messages) - 1
     if messages[last].role != "user":
-        raise BadRow(f"prompt[{last}].role", "must be 'user' in the last message",
-                     "end the prompt with the user's question", detail=f"got {messages[last].role!r}")
+        raise BadRow(
+            f"prompt[{last}].role",
+            "must be 'user' in the last message",
+            "end the prompt with the user's question",
+            detail=f"got {messages[last].role!r}",
+        )
     if not messages[last].content.strip():
         raise BadRow(f"prompt[{last}].content", "is empty", "write the question there")
     return messages
@@ -115,12 +132,20 @@ def parse_target(value: Any, *, require: bool) -> str | None:
         return None
     if not _is_list(value) or len(value) != 1:
         detail = f"got {len(value)} messages" if _is_list(value) else _got(value)
-        raise BadRow("target", "must be a list with one assistant message",
-                     "store it as [{'role': 'assistant', 'content': ...}]", detail=detail)
+        raise BadRow(
+            "target",
+            "must be a list with one assistant message",
+            "store it as [{'role': 'assistant', 'content': ...}]",
+            detail=detail,
+        )
     message = _parse_message(value[0], "target[0]")
     if message.role != "assistant":
-        raise BadRow("target[0].role", "must be 'assistant'", "the demonstration is the assistant's turn",
-                     detail=f"got {message.role!r}")
+        raise BadRow(
+            "target[0].role",
+            "must be 'assistant'",
+            "the demonstration is the assistant's turn",
+            detail=f"got {message.role!r}",
+        )
     if require and not message.content.strip():
         raise BadRow("target[0].content", "is empty", "drop the row or supply a demonstration")
     return message.content if message.content.strip() else None
@@ -131,36 +156,61 @@ def parse_ground_truth(value: Any) -> str:
     if value is None:
         raise BadRow("reward_model", "is missing", "add {'ground_truth': <answer>, 'style': 'rule'}")
     if not isinstance(value, Mapping):
-        raise BadRow("reward_model", "must be a struct", "store it as {'ground_truth': <answer>, "
-                     "'style': 'rule'}", detail=_got(value))
+        raise BadRow(
+            "reward_model",
+            "must be a struct",
+            "store it as {'ground_truth': <answer>, 'style': 'rule'}",
+            detail=_got(value),
+        )
     truth = value.get("ground_truth")
     if truth is None:
         raise BadRow("reward_model.ground_truth", "is missing", "add the reference answer as a string")
     if isinstance(truth, int | float) and not isinstance(truth, bool):
         truth = str(truth)
     if not isinstance(truth, str):
-        raise BadRow("reward_model.ground_truth", "must be a string", "store the reference answer as a string",
-                     detail=_got(truth))
+        raise BadRow(
+            "reward_model.ground_truth",
+            "must be a string",
+            "store the reference answer as a string",
+            detail=_got(truth),
+        )
     if not truth.strip():
         raise BadRow("reward_model.ground_truth", "is empty", "add the reference answer")
     return truth
 
 
-def parse_row(row: Mapping[str, Any], *, uid: str, require_demonstration: bool, location: str = "") -> Example:
+def parse_row(
+    row: Mapping[str, Any], *, uid: str, require_demonstration: bool, location: str = ""
+) -> Example:
     """Turn one raw row into an ``Example``; raises ``BadRow`` naming the first bad field."""
     source = row.get("data_source")
     if not isinstance(source, str):
-        raise BadRow("data_source", "must be a string", "name the corpus or benchmark the row comes from",
-                     detail=_got(source))
+        raise BadRow(
+            "data_source",
+            "must be a string",
+            "name the corpus or benchmark the row comes from",
+            detail=_got(source),
+        )
     messages = parse_prompt(row.get("prompt"))
     demonstration = parse_target(row.get("target"), require=require_demonstration)
     truth = parse_ground_truth(row.get("reward_model"))
     extra = row.get("extra_info")
     if extra is not None and not isinstance(extra, Mapping):
-        raise BadRow("extra_info", "must be a struct or null", "store extra fields as a {key: value} struct",
-                     detail=_got(extra))
-    return Example(uid=uid, data_source=source, messages=messages, demonstration=demonstration,
-                   ground_truth=truth, extra=dict(extra or {}), location=location)
+        raise BadRow(
+            "extra_info",
+            "must be a struct or null",
+            "store extra fields as a {key: value} struct",
+            detail=_got(extra),
+        )
+    return Example(
+        uid=uid,
+        data_source=source,
+        messages=messages,
+        demonstration=demonstration,
+        ground_truth=truth,
+        extra=dict(extra or {}),
+        location=location,
+    )
 
 
 def example_to_row(example: Example, *, split: str | None = None) -> dict[str, Any]:

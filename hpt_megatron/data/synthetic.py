@@ -39,8 +39,16 @@ OPERATOR_SYMBOL = {"add": "+", "sub": "-", "mul": "*"}
 SPLITS = ("train", "val")
 _MAX_MISSES_IN_A_ROW = 20_000
 
-NAMES = (("Tom", "he"), ("Ann", "she"), ("Ben", "he"), ("Mia", "she"),
-         ("Sam", "he"), ("Eva", "she"), ("Leo", "he"), ("Zoe", "she"))
+NAMES = (
+    ("Tom", "he"),
+    ("Ann", "she"),
+    ("Ben", "he"),
+    ("Mia", "she"),
+    ("Sam", "he"),
+    ("Eva", "she"),
+    ("Leo", "he"),
+    ("Zoe", "she"),
+)
 ITEMS = ("apples", "pens", "cards", "books", "coins", "shells", "stamps", "marbles")
 PHRASES = {
     "add": ("buys {n} more", "finds {n} more", "gets {n} more"),
@@ -52,24 +60,34 @@ FIXED_WORDS = ("has", "Then", "How", "many", "does", "have", "now", "boxed")
 
 @dataclass(frozen=True)
 class Difficulty:
-    """Knobs of the generator. Values stay within [0, max_value] at every step."""
+    """Knobs of the generator. Values stay within [0, max_value] at every step.
+
+    The defaults are sized for the CPU demo: with values up to 20 a 2-layer, 128-wide transformer
+    learns the task to about 75% held-out accuracy after 1000 SFT steps of 64 problems and to about
+    90% after 1500 (values up to 50 need roughly twice the steps). Copying numbers into the equations
+    is learned within a few hundred steps; the arithmetic facts are what takes the time.
+    """
 
     min_steps: int = 2
     max_steps: int = 3
-    max_start: int = 20
+    max_start: int = 10
     max_operand: int = 9
     max_factor: int = 3
-    max_value: int = 50
+    max_value: int = 20
     operations: tuple[str, ...] = ("add", "sub")
 
     def __post_init__(self) -> None:
         unknown = [op for op in self.operations if op not in OPERATIONS]
         if unknown or not self.operations:
-            raise ValueError(f"operations={self.operations!r}: use a non-empty subset of {', '.join(OPERATIONS)}")
+            raise ValueError(
+                f"operations={self.operations!r}: use a non-empty subset of {', '.join(OPERATIONS)}"
+            )
         if not 1 <= self.min_steps <= self.max_steps:
             raise ValueError(f"steps: need 1 <= min_steps ({self.min_steps}) <= max_steps ({self.max_steps})")
         if not 2 <= self.max_start <= self.max_value:
-            raise ValueError(f"max_start={self.max_start}: need 2 <= max_start <= max_value ({self.max_value})")
+            raise ValueError(
+                f"max_start={self.max_start}: need 2 <= max_start <= max_value ({self.max_value})"
+            )
         if self.max_operand < 1 or ("mul" in self.operations and self.max_factor < 2):
             raise ValueError("max_operand must be >= 1 and max_factor >= 2 when 'mul' is used")
 
@@ -98,14 +116,17 @@ class Problem:
         sentences = [f"{self.name} has {self.start} {self.item}."]
         for i, ((op, n), choice) in enumerate(zip(self.steps, self.phrasing)):
             action = PHRASES[op][choice].format(n=n)
-            sentences.append(f"{self.pronoun.capitalize()} {action}." if i == 0 else
-                             f"Then {self.pronoun} {action}.")
+            sentences.append(
+                f"{self.pronoun.capitalize()} {action}." if i == 0 else f"Then {self.pronoun} {action}."
+            )
         sentences.append(f"How many {self.item} does {self.name} have now?")
         return " ".join(sentences)
 
     def demonstration(self) -> str:
         values = self.values()
-        lines = [f"{values[i]}{OPERATOR_SYMBOL[op]}{n}={values[i + 1]}" for i, (op, n) in enumerate(self.steps)]
+        lines = [
+            f"{values[i]}{OPERATOR_SYMBOL[op]}{n}={values[i + 1]}" for i, (op, n) in enumerate(self.steps)
+        ]
         lines.append(f"\\boxed{{{values[-1]}}}")
         return "\n".join(lines)
 
@@ -132,12 +153,16 @@ def split_of(problem: Problem, *, val_fraction: float) -> str:
 def _feasible_steps(value: int, difficulty: Difficulty) -> list[tuple[str, int]]:
     steps = []
     for op in difficulty.operations:
-        operands = range(2, difficulty.max_factor + 1) if op == "mul" else range(1, difficulty.max_operand + 1)
+        operands = (
+            range(2, difficulty.max_factor + 1) if op == "mul" else range(1, difficulty.max_operand + 1)
+        )
         steps += [(op, n) for n in operands if 0 <= apply_operation(value, op, n) <= difficulty.max_value]
     return steps
 
 
-def _sample_steps(rng: random.Random, start: int, count: int, difficulty: Difficulty) -> list[tuple[str, int]] | None:
+def _sample_steps(
+    rng: random.Random, start: int, count: int, difficulty: Difficulty
+) -> list[tuple[str, int]] | None:
     steps, value = [], start
     for _ in range(count):
         feasible = _feasible_steps(value, difficulty)
@@ -158,16 +183,20 @@ def sample_problem(rng: random.Random, difficulty: Difficulty) -> Problem:
         if steps is not None:
             break
     else:
-        raise ValueError(f"{difficulty} cannot keep {difficulty.min_steps} steps within max_value; raise "
-                         "max_value or allow more operations")
+        raise ValueError(
+            f"{difficulty} cannot keep {difficulty.min_steps} steps within max_value; raise "
+            "max_value or allow more operations"
+        )
     name, pronoun = rng.choice(NAMES)
     phrasing = tuple(rng.randrange(len(PHRASES[op])) for op, _ in steps)
-    return Problem(name=name, pronoun=pronoun, item=rng.choice(ITEMS), start=start, steps=tuple(steps),
-                   phrasing=phrasing)
+    return Problem(
+        name=name, pronoun=pronoun, item=rng.choice(ITEMS), start=start, steps=tuple(steps), phrasing=phrasing
+    )
 
 
-def generate_problems(n: int, *, split: str, seed: int, difficulty: Difficulty = Difficulty(),
-                      val_fraction: float = 0.125) -> list[Problem]:
+def generate_problems(
+    n: int, *, split: str, seed: int, difficulty: Difficulty = Difficulty(), val_fraction: float = 0.125
+) -> list[Problem]:
     """``n`` distinct problems of ``split``; deterministic in (n, split, seed, difficulty, val_fraction).
 
     Each split draws from its own random stream, so the size of one split never changes the other.
@@ -189,8 +218,10 @@ def generate_problems(n: int, *, split: str, seed: int, difficulty: Difficulty =
         seen.add(problem.question())
         problems.append(problem)
     if len(problems) < n:
-        raise ValueError(f"found only {len(problems)} distinct {split} problems of the {n} asked for; "
-                         "ask for fewer or widen the difficulty (more steps, larger numbers)")
+        raise ValueError(
+            f"found only {len(problems)} distinct {split} problems of the {n} asked for; "
+            "ask for fewer or widen the difficulty (more steps, larger numbers)"
+        )
     return problems
 
 
@@ -206,13 +237,22 @@ def problem_to_row(problem: Problem, *, split: str, index: int) -> dict[str, Any
     }
 
 
-def write_dataset(out: str | Path, *, train: int, val: int, seed: int, difficulty: Difficulty = Difficulty(),
-                  val_fraction: float = 0.125, suffix: str = ".parquet") -> dict[str, Path]:
+def write_dataset(
+    out: str | Path,
+    *,
+    train: int,
+    val: int,
+    seed: int,
+    difficulty: Difficulty = Difficulty(),
+    val_fraction: float = 0.125,
+    suffix: str = ".parquet",
+) -> dict[str, Path]:
     """Write ``train`` + ``val`` problems to ``out/train<suffix>`` and ``out/val<suffix>``."""
     paths = {}
     for split, count in (("train", train), ("val", val)):
-        problems = generate_problems(count, split=split, seed=seed, difficulty=difficulty,
-                                     val_fraction=val_fraction)
+        problems = generate_problems(
+            count, split=split, seed=seed, difficulty=difficulty, val_fraction=val_fraction
+        )
         rows = [problem_to_row(p, split=split, index=i) for i, p in enumerate(problems)]
         paths[split] = write_rows(rows, Path(out) / f"{split}{suffix}")
     return paths
@@ -239,21 +279,41 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-operand", type=int, default=default.max_operand)
     parser.add_argument("--max-factor", type=int, default=default.max_factor)
     parser.add_argument("--max-value", type=int, default=default.max_value)
-    parser.add_argument("--operations", default=",".join(default.operations),
-                        help=f"comma-separated subset of {','.join(OPERATIONS)}")
-    parser.add_argument("--val-fraction", type=float, default=0.125,
-                        help="share of arithmetic signatures reserved for validation")
+    parser.add_argument(
+        "--operations",
+        default=",".join(default.operations),
+        help=f"comma-separated subset of {','.join(OPERATIONS)}",
+    )
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.125,
+        help="share of arithmetic signatures reserved for validation",
+    )
     parser.add_argument("--format", choices=("parquet", "jsonl"), default="parquet")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parse_args(argv)
-    difficulty = Difficulty(min_steps=args.min_steps, max_steps=args.max_steps, max_start=args.max_start,
-                            max_operand=args.max_operand, max_factor=args.max_factor, max_value=args.max_value,
-                            operations=tuple(op.strip() for op in args.operations.split(",") if op.strip()))
-    paths = write_dataset(args.out, train=args.train, val=args.val, seed=args.seed, difficulty=difficulty,
-                          val_fraction=args.val_fraction, suffix=f".{args.format}")
+    difficulty = Difficulty(
+        min_steps=args.min_steps,
+        max_steps=args.max_steps,
+        max_start=args.max_start,
+        max_operand=args.max_operand,
+        max_factor=args.max_factor,
+        max_value=args.max_value,
+        operations=tuple(op.strip() for op in args.operations.split(",") if op.strip()),
+    )
+    paths = write_dataset(
+        args.out,
+        train=args.train,
+        val=args.val,
+        seed=args.seed,
+        difficulty=difficulty,
+        val_fraction=args.val_fraction,
+        suffix=f".{args.format}",
+    )
     for split, path in paths.items():
         print(f"wrote {split}: {path}")
 

@@ -81,13 +81,18 @@ class PromptBuilder:
         _check_choice("template", template, TEMPLATES)
         _check_choice("system_prompt", system_prompt, SYSTEM_PROMPT_MODES)
         if template == "tokenizer" and not getattr(tokenizer, "chat_template", None):
-            raise ValueError("data.template='tokenizer' but the tokenizer has no chat_template; use "
-                             "data.template=llama_base or raw, or a tokenizer that ships a chat template")
+            raise ValueError(
+                "data.template='tokenizer' but the tokenizer has no chat_template; use "
+                "data.template=llama_base or raw, or a tokenizer that ships a chat template"
+            )
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no eos token; demonstrations must end with one")
         if template == "llama_base" and system_prompt == "keep":
-            warnings.warn("data.system_prompt='keep' has no effect with data.template='llama_base': that "
-                          "template only shows the question", stacklevel=2)
+            warnings.warn(
+                "data.system_prompt='keep' has no effect with data.template='llama_base': that "
+                "template only shows the question",
+                stacklevel=2,
+            )
         self.tokenizer = tokenizer
         self.template = template
         self.system_prompt = system_prompt
@@ -100,12 +105,16 @@ class PromptBuilder:
         """The prompt text the model sees, ending where the response starts."""
         if self.template == "llama_base":
             return render_llama_base(example.question, boxed_instruction=self.boxed_instruction)
-        messages = select_messages(example.messages, system_prompt=self.system_prompt,
-                                   default_system_prompt=self.default_system_prompt)
+        messages = select_messages(
+            example.messages,
+            system_prompt=self.system_prompt,
+            default_system_prompt=self.default_system_prompt,
+        )
         if self.template == "raw":
             return "\n\n".join(m.content for m in messages)
-        return self.tokenizer.apply_chat_template([m.as_dict() for m in messages], tokenize=False,
-                                                  add_generation_prompt=True)
+        return self.tokenizer.apply_chat_template(
+            [m.as_dict() for m in messages], tokenize=False, add_generation_prompt=True
+        )
 
     def encode_prompts(self, examples: Sequence[Example]) -> list[list[int]]:
         """Prompt token ids. A chat template writes its own special tokens, so none are added then;

@@ -29,8 +29,25 @@ SPECIAL_TOKENS = (PAD, UNK, EOT, IM_START, IM_END)
 EOS = IM_END
 # Words of the chat roles and of the prompts templates.py can add (Qwen's math system prompt, the
 # Llama base template), so those encode as words rather than letter by letter.
-TEMPLATE_WORDS = ("system", "user", "assistant", "Question", "Answer", "Let", "think", "step", "by",
-                  "Please", "reason", "and", "put", "your", "final", "answer", "within")
+TEMPLATE_WORDS = (
+    "system",
+    "user",
+    "assistant",
+    "Question",
+    "Answer",
+    "Let",
+    "think",
+    "step",
+    "by",
+    "Please",
+    "reason",
+    "and",
+    "put",
+    "your",
+    "final",
+    "answer",
+    "within",
+)
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
@@ -66,16 +83,26 @@ def _split_pattern(words: Sequence[str]) -> str:
 def build_tokenizer() -> Tokenizer:
     """The ``tokenizers`` object (special tokens registered; no BOS is added on encode)."""
     tokenizer = Tokenizer(models.WordLevel(vocab=build_vocab(), unk_token=UNK))
-    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(_split_pattern(vocabulary_words())), behavior="isolated")
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(
+        Regex(_split_pattern(vocabulary_words())), behavior="isolated"
+    )
     tokenizer.decoder = decoders.Fuse()
     tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
     return tokenizer
 
 
 def _tokenizer_config(tokenizer: Tokenizer) -> dict:
-    added = {str(tokenizer.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False,
-                                             "rstrip": False, "single_word": False, "special": True}
-             for t in SPECIAL_TOKENS}
+    added = {
+        str(tokenizer.token_to_id(t)): {
+            "content": t,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
+        for t in SPECIAL_TOKENS
+    }
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "added_tokens_decoder": added,
@@ -98,15 +125,21 @@ def save_tokenizer(out: str | Path) -> Path:
     tokenizer = build_tokenizer()
     tokenizer.save(str(out / "tokenizer.json"))
     config = _tokenizer_config(tokenizer)
-    special_map = {"eos_token": EOS, "pad_token": PAD, "unk_token": UNK,
-                   "additional_special_tokens": [EOT, IM_START]}
+    special_map = {
+        "eos_token": EOS,
+        "pad_token": PAD,
+        "unk_token": UNK,
+        "additional_special_tokens": [EOT, IM_START],
+    }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     (out / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n", encoding="utf-8")
     return out
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Write the synthetic task's tokenizer in Hugging Face format.")
+    parser = argparse.ArgumentParser(
+        description="Write the synthetic task's tokenizer in Hugging Face format."
+    )
     parser.add_argument("--out", required=True, help="output folder")
     out = save_tokenizer(parser.parse_args(argv).out)
     print(f"wrote tokenizer ({build_tokenizer().get_vocab_size()} tokens) to {out}")

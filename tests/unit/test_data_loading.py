@@ -23,7 +23,10 @@ needs_benchmarks = pytest.mark.skipif(not BENCHMARK_FILES, reason=f"no benchmark
 def good_row(i: int = 0, **overrides):
     row = {
         "data_source": "toy",
-        "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"What is {i}+1?"}],
+        "prompt": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": f"What is {i}+1?"},
+        ],
         "target": [{"role": "assistant", "content": f"{i}+1={i + 1}\n\\boxed{{{i + 1}}}"}],
         "ability": "math",
         "reward_model": {"ground_truth": str(i + 1), "style": "rule"},
@@ -64,7 +67,9 @@ def test_missing_ground_truth_names_file_row_and_field(tmp_path):
     rows = [good_row(i) for i in range(5)]
     rows[3] = good_row(3, reward_model={"ground_truth": None, "style": "rule"})
     path = write_parquet_rows(tmp_path / "bad.parquet", rows)
-    with pytest.raises(ValueError, match=r"bad\.parquet row 3: field 'reward_model\.ground_truth' is missing"):
+    with pytest.raises(
+        ValueError, match=r"bad\.parquet row 3: field 'reward_model\.ground_truth' is missing"
+    ):
         load_examples(path)
     examples, report = load_examples(path, on_bad_row="skip")
     assert [e.uid for e in examples] == ["bad.parquet:0", "bad.parquet:1", "bad.parquet:2", "bad.parquet:4"]
@@ -130,19 +135,30 @@ def test_jsonl_loads_like_parquet_and_names_lines(tmp_path):
     parquet_examples, _ = load_examples(write_rows(rows, tmp_path / "same.parquet"))
     jsonl_examples, _ = load_examples(write_rows(rows, tmp_path / "same.jsonl"))
     strip = [(e.data_source, e.messages, e.demonstration, e.ground_truth, e.extra) for e in parquet_examples]
-    assert strip == [(e.data_source, e.messages, e.demonstration, e.ground_truth, e.extra) for e in jsonl_examples]
+    assert strip == [
+        (e.data_source, e.messages, e.demonstration, e.ground_truth, e.extra) for e in jsonl_examples
+    ]
 
     bad = tmp_path / "bad.jsonl"
-    lines = [json.dumps(good_row(0)), "", json.dumps(good_row(1, reward_model={"style": "rule"})),
-             "{not json", json.dumps([1, 2]), json.dumps(good_row(2, reward_model={"ground_truth": 3}))]
+    lines = [
+        json.dumps(good_row(0)),
+        "",
+        json.dumps(good_row(1, reward_model={"style": "rule"})),
+        "{not json",
+        json.dumps([1, 2]),
+        json.dumps(good_row(2, reward_model={"ground_truth": 3})),
+    ]
     bad.write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match=r"bad\.jsonl line 3: field 'reward_model\.ground_truth' is missing"):
         load_examples(bad)
     examples, report = load_examples(bad, on_bad_row="skip")
     assert [e.uid for e in examples] == ["bad.jsonl:1", "bad.jsonl:6"]
     assert examples[1].ground_truth == "3"  # numbers are accepted and stringified
-    assert report.skipped == {"field 'reward_model.ground_truth' is missing": 1, "is not valid JSON": 1,
-                              "is not a JSON object": 1}
+    assert report.skipped == {
+        "field 'reward_model.ground_truth' is missing": 1,
+        "is not valid JSON": 1,
+        "is not a JSON object": 1,
+    }
 
 
 def test_file_problems_are_named(tmp_path):

@@ -28,8 +28,12 @@ def test_each_epoch_is_a_fresh_permutation():
 
 
 def test_order_depends_only_on_seed():
-    assert take(PromptSampler(50, batch_size=7, seed=1), 20) == take(PromptSampler(50, batch_size=7, seed=1), 20)
-    assert take(PromptSampler(50, batch_size=7, seed=1), 5) != take(PromptSampler(50, batch_size=7, seed=2), 5)
+    assert take(PromptSampler(50, batch_size=7, seed=1), 20) == take(
+        PromptSampler(50, batch_size=7, seed=1), 20
+    )
+    assert take(PromptSampler(50, batch_size=7, seed=1), 5) != take(
+        PromptSampler(50, batch_size=7, seed=2), 5
+    )
 
 
 def test_drop_last_and_partial_batches():

@@ -12,7 +12,15 @@ from hpt_megatron.data.datasets import load_examples
 from hpt_megatron.data.synthetic import Difficulty, generate_problems
 
 # An independent reading of the question text: which words mean which operation.
-WORD_OPS = {"buys": "+", "finds": "+", "gets": "+", "gives": "-", "loses": "-", "sells": "-", "multiplies": "*"}
+WORD_OPS = {
+    "buys": "+",
+    "finds": "+",
+    "gets": "+",
+    "gives": "-",
+    "loses": "-",
+    "sells": "-",
+    "multiplies": "*",
+}
 ANSWER_RE = re.compile(r"\\boxed\{(\d+)\}$")
 
 
@@ -32,7 +40,9 @@ def solve_from_text(question: str) -> tuple[int, list[tuple[str, int]]]:
 def check_demonstration(question: str, demonstration: str, ground_truth: str) -> None:
     answer, steps = solve_from_text(question)
     *equations, last = demonstration.split("\n")
-    assert ANSWER_RE.fullmatch(last) and int(ANSWER_RE.fullmatch(last).group(1)) == answer == int(ground_truth)
+    assert ANSWER_RE.fullmatch(last) and int(ANSWER_RE.fullmatch(last).group(1)) == answer == int(
+        ground_truth
+    )
     assert len(equations) == len(steps)
     previous = int(re.search(r"has (\d+) ", question).group(1))
     for line, (op, operand) in zip(equations, steps):
@@ -58,8 +68,14 @@ def test_splits_are_disjoint_across_seeds():
     assert not {p.signature() for p in train} & {p.signature() for p in val}
 
 
-@pytest.mark.parametrize("difficulty", [Difficulty(), Difficulty(operations=("add", "sub", "mul"), max_steps=4),
-                                        Difficulty(min_steps=1, max_steps=1, max_operand=3)])
+@pytest.mark.parametrize(
+    "difficulty",
+    [
+        Difficulty(),
+        Difficulty(operations=("add", "sub", "mul"), max_steps=4),
+        Difficulty(min_steps=1, max_steps=1, max_operand=3),
+    ],
+)
 def test_every_demonstration_is_arithmetically_right(difficulty):
     for problem in generate_problems(500, split="train", seed=2, difficulty=difficulty):
         assert difficulty.min_steps <= len(problem.steps) <= difficulty.max_steps
@@ -68,7 +84,9 @@ def test_every_demonstration_is_arithmetically_right(difficulty):
 
 
 def test_operations_are_balanced():
-    problems = generate_problems(1000, split="train", seed=0, difficulty=Difficulty(operations=("add", "sub")))
+    problems = generate_problems(
+        1000, split="train", seed=0, difficulty=Difficulty(operations=("add", "sub"))
+    )
     ops = [op for p in problems for op, _ in p.steps]
     assert 0.4 < ops.count("add") / len(ops) < 0.6
 

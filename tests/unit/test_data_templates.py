@@ -23,11 +23,22 @@ def tokenizer(tmp_path_factory):
     return AutoTokenizer.from_pretrained(save_tokenizer(tmp_path_factory.mktemp("tok")))
 
 
-def example(question="Tom has 7 apples. How many apples does Tom have now?", system="You are a bot.",
-            demonstration="7\n\\boxed{7}"):
-    messages = (Message("system", system), Message("user", question)) if system else (Message("user", question),)
-    return Example(uid="t:0", data_source="toy", messages=messages, demonstration=demonstration,
-                   ground_truth="7", location="t.parquet row 0")
+def example(
+    question="Tom has 7 apples. How many apples does Tom have now?",
+    system="You are a bot.",
+    demonstration="7\n\\boxed{7}",
+):
+    messages = (
+        (Message("system", system), Message("user", question)) if system else (Message("user", question),)
+    )
+    return Example(
+        uid="t:0",
+        data_source="toy",
+        messages=messages,
+        demonstration=demonstration,
+        ground_truth="7",
+        location="t.parquet row 0",
+    )
 
 
 def test_select_messages_drop_and_keep():
@@ -44,12 +55,17 @@ def test_select_messages_drop_and_keep():
 def test_tokenizer_template_drop_uses_the_default_math_system_prompt(tokenizer):
     question = example().question
     text = PromptBuilder(tokenizer).render(example())
-    assert text == (f"<|im_start|>system\n{QWEN_MATH_SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n{question}"
-                    "<|im_end|>\n<|im_start|>assistant\n")
+    assert text == (
+        f"<|im_start|>system\n{QWEN_MATH_SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n{question}"
+        "<|im_end|>\n<|im_start|>assistant\n"
+    )
     bare = PromptBuilder(tokenizer, default_system_prompt=None).render(example())
     assert bare == f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
     kept = PromptBuilder(tokenizer, system_prompt="keep").render(example())
-    assert kept.startswith("<|im_start|>system\nYou are a bot.<|im_end|>\n") and QWEN_MATH_SYSTEM_PROMPT not in kept
+    assert (
+        kept.startswith("<|im_start|>system\nYou are a bot.<|im_end|>\n")
+        and QWEN_MATH_SYSTEM_PROMPT not in kept
+    )
 
 
 def test_default_system_prompt_only_where_the_template_shows_one(tokenizer):
@@ -64,9 +80,13 @@ def test_default_system_prompt_only_where_the_template_shows_one(tokenizer):
 
 def test_llama_base_template_text_is_exact(tokenizer):
     text = PromptBuilder(tokenizer, template="llama_base").render(example(question="What is 2+3?"))
-    assert text == ("Question:\nWhat is 2+3?\nPlease reason step by step, and put your final answer within "
-                    "\\boxed{}.\nAnswer:\nLet's think step by step.")
-    plain = PromptBuilder(tokenizer, template="llama_base", boxed_instruction=None).render(example(question="Q"))
+    assert text == (
+        "Question:\nWhat is 2+3?\nPlease reason step by step, and put your final answer within "
+        "\\boxed{}.\nAnswer:\nLet's think step by step."
+    )
+    plain = PromptBuilder(tokenizer, template="llama_base", boxed_instruction=None).render(
+        example(question="Q")
+    )
     assert plain == "Question:\nQ\nAnswer:\nLet's think step by step."
     with pytest.warns(UserWarning, match="system_prompt='keep' has no effect"):
         PromptBuilder(tokenizer, template="llama_base", system_prompt="keep")
@@ -79,7 +99,9 @@ def test_raw_template(tokenizer):
 
 
 def test_unknown_template_and_missing_chat_template(tokenizer):
-    with pytest.raises(ValueError, match="template='chatml' is not valid; use one of tokenizer, llama_base, raw"):
+    with pytest.raises(
+        ValueError, match="template='chatml' is not valid; use one of tokenizer, llama_base, raw"
+    ):
         PromptBuilder(tokenizer, template="chatml")
     tokenizer.chat_template, saved = None, tokenizer.chat_template
     try:
@@ -104,9 +126,14 @@ def test_build_prompt_dataset_filters_long_prompts_and_counts(tokenizer, tmp_pat
     rows = []
     for i in range(6):
         question = "Tom has 7 apples." + " He buys 1 more." * (i * 3) + " How many apples does Tom have now?"
-        rows.append({"data_source": "toy", "prompt": [{"role": "user", "content": question}],
-                     "target": [{"role": "assistant", "content": f"{i}\n\\boxed{{{i}}}"}],
-                     "reward_model": {"ground_truth": str(i)}})
+        rows.append(
+            {
+                "data_source": "toy",
+                "prompt": [{"role": "user", "content": question}],
+                "target": [{"role": "assistant", "content": f"{i}\n\\boxed{{{i}}}"}],
+                "reward_model": {"ground_truth": str(i)},
+            }
+        )
     path = write_rows(rows, tmp_path / "len.parquet")
     builder = PromptBuilder(tokenizer, default_system_prompt=None)
     lengths = [len(ids) for ids in builder.encode_prompts(load_examples(path)[0])]
@@ -120,6 +147,9 @@ def test_build_prompt_dataset_filters_long_prompts_and_counts(tokenizer, tmp_pat
     demo = dataset.demonstration_ids(0)  # "0", "\n", "\\", "boxed", "{", "0", "}", EOS: cut to 5
     assert tokenizer.convert_ids_to_tokens(demo) == ["0", "\n", "\\", "boxed", "{"]
     assert dataset.report.truncated_demonstrations == {0}
-    with pytest.raises(ValueError, match=rf"len\.parquet row 4: field 'prompt' is {lengths[4]} tokens .* "
-                                         rf"over data\.max_prompt_len={limit}"):
+    with pytest.raises(
+        ValueError,
+        match=rf"len\.parquet row 4: field 'prompt' is {lengths[4]} tokens .* "
+        rf"over data\.max_prompt_len={limit}",
+    ):
         build_prompt_dataset(path, on_long_prompt="error", **kwargs)

@@ -102,30 +102,18 @@ def drop_metrics_after(path: Path, step: int) -> None:
     path.write_text("".join(ln + "\n" for ln in kept))
 
 
-def main(argv: list[str] | None = None) -> int:
-    args, keys = parse_args(sys.argv[1:] if argv is None else argv)
-    cfg = {**DEFAULTS, **keys}
-    out = Path(cfg["trainer.output_dir"])
-    ckpt_root = out / "checkpoints"
-    out.mkdir(parents=True, exist_ok=True)
-    ray_address = cfg.get("cluster.ray_address") or os.environ.get("RAY_ADDRESS")
-    if ray_address:
-        check_ray(ray_address)
-
-    stop = []
-    for sig in (signal.SIGUSR1, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: stop.append(signum))
-
-    start, state = load_checkpoint(ckpt_root) if args.resume == "auto" else (0, 0.0)
-    drop_metrics_after(out / "metrics.jsonl", start)
+def record_launch(
+    out: Path, args: argparse.Namespace, keys: dict, start: int, ray_address: str | None
+) -> None:
     launch = {"argv": sys.argv[1:], "resume": args.resume, "start_step": start, "ray_address": ray_address}
-    launch["overrides"] = keys
-    launch["restart_count"] = os.environ.get("SLURM_RESTART_COUNT")
+    launch.update(overrides=keys, restart_count=os.environ.get("SLURM_RESTART_COUNT"))
     with open(out / "launches.jsonl", "a") as f:
         f.write(json.dumps(launch) + "\n")
 
-    seed, total = int(cfg["trainer.seed"]), int(cfg["trainer.total_steps"])
-    save_every, step_seconds = int(cfg["trainer.save_every"]), float(os.environ.get("HPT_FAKE_STEP_SECONDS", 0.2))
+
+def train(out: Path, cfg: dict, start: int, state: float, stop: list[int]) -> int:
+    seed, total, save_every = (int(cfg[f"trainer.{k}"]) for k in ("seed", "total_steps", "save_every"))
+    step_seconds = float(os.environ.get("HPT_FAKE_STEP_SECONDS", 0.2))
     with open(out / "metrics.jsonl", "a") as metrics:
         for step in range(start + 1, total + 1):
             time.sleep(step_seconds)
@@ -133,12 +121,29 @@ def main(argv: list[str] | None = None) -> int:
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
             if step == total or (save_every and step % save_every == 0) or stop:
-                write_checkpoint(ckpt_root, step, state)
+                write_checkpoint(out / "checkpoints", step, state)
             if stop and step < total:
-                print(f"fake_trainer: signal {stop[0]} -> checkpoint at step {step}, exit {PREEMPTED}", flush=True)
+                print(f"fake_trainer: signal {stop[0]} -> checkpoint at step {step}, exit 75", flush=True)
                 return PREEMPTED
     print(f"fake_trainer: finished {total} steps", flush=True)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, keys = parse_args(sys.argv[1:] if argv is None else argv)
+    cfg = {**DEFAULTS, **keys}
+    out = Path(cfg["trainer.output_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    ray_address = cfg.get("cluster.ray_address") or os.environ.get("RAY_ADDRESS")
+    if ray_address:
+        check_ray(ray_address)
+    stop: list[int] = []
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop.append(signum))
+    start, state = load_checkpoint(out / "checkpoints") if args.resume == "auto" else (0, 0.0)
+    drop_metrics_after(out / "metrics.jsonl", start)
+    record_launch(out, args, keys, start, ray_address)
+    return train(out, cfg, start, state, stop)
 
 
 if __name__ == "__main__":

@@ -269,14 +269,19 @@ on_signal() {  # forward to the driver; before it starts, a preemption notice me
   fi
 }
 
+# The batch script of an sbatch job runs on the first node; an salloc shell usually does not.
+on_head() { [[ ${SLURMD_NODENAME:-$(hostname -s)} == "$HEAD" ]]; }
+
 run_driver() {
-  if [[ $(hostname -s) == "${HEAD%%.*}" ]]; then
+  local how=""
+  if on_head; then
     "$@" &
   else
     srun --overlap --nodes=1 --ntasks=1 -w "$HEAD" --export="ALL,RAY_ADDRESS=$RAY_ADDRESS" "$@" &
+    how=" through srun"
   fi
   DRIVER_PID=$!
-  log "driver (pid $DRIVER_PID) on $HEAD: $*"
+  log "driver (pid $DRIVER_PID) on $HEAD$how: $*"
   local done_pid rc
   while :; do
     rc=0
@@ -304,7 +309,7 @@ launch() {
   fi
   HEAD=${NODES[0]}
   local head_ip=${HPT_RAY_HEAD_IP:-}
-  if [[ -z $head_ip && $(hostname -s) == "${HEAD%%.*}" ]]; then
+  if [[ -z $head_ip ]] && on_head; then
     head_ip=$(local_ip)
   elif [[ -z $head_ip ]]; then
     head_ip=$(srun --overlap --nodes=1 --ntasks=1 -w "$HEAD" bash "$SELF" --print-ip)

@@ -1,6 +1,7 @@
-"""ray_cluster.sh fails fast, naming the node, when a Ray srun dies - during the run or at start.
+"""ray_cluster.sh: fails fast, naming the node, when a Ray srun dies (during the run or at start);
+runs the driver through srun when it is not on the head node (an salloc shell on a login node).
 
-This cluster has one node, so the tests give Ray a second "node" on the same host: HPT_RAY_NODES
+This cluster has one node, so the failure tests give Ray a second "node" on the same host: HPT_RAY_NODES
 lists this node twice (the launcher's own knob for choosing the Ray nodes). The head and the worker
 then run as separate srun steps (named ray-head and ray-worker), exactly as on two nodes; Ray's
 per-node ports are left to Ray so the two raylets do not collide.
@@ -8,11 +9,15 @@ per-node ports are left to Ray so the two raylets do not collide.
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
-from tests.slurm.conftest import SLURM_SCRIPTS, job_env, ray_processes_left, run
+from tests.slurm.conftest import FAKE_TRAINER, SLURM_SCRIPTS, job_env, ray_processes_left, run
 
 pytestmark = pytest.mark.slurm
 
@@ -70,4 +75,47 @@ def test_worker_srun_that_cannot_start_fails_the_job(slurm, tmp_path, ray_tmpdir
     assert info["JobState"] == "FAILED", text
     assert "Ray worker on node nosuchnode exited" in text
     assert not (run_dir / "metrics.jsonl").exists(), "the driver must not start"
+    assert not ray_processes_left(ray_tmpdir)
+
+
+def test_salloc_shell_off_the_head_runs_the_driver_through_srun(slurm, tmp_path, ray_tmpdir):
+    """From an salloc shell on a login node (SLURMD_NODENAME names no node of the allocation) the
+    launcher asks the head for its address and starts the driver with srun; SIGUSR1 to the
+    launcher still reaches the driver through srun, and its exit code 75 comes back."""
+    run_dir = tmp_path / "run"
+    env = job_env(run_dir, ray_tmpdir, SLURMD_NODENAME="login-node", HPT_FAKE_STEP_SECONDS="0.5")
+    (tmp_path / "recipe.yaml").write_text("{}\n")
+    driver = [
+        *FAKE_TRAINER.split(),
+        "recipe.yaml",
+        f"trainer.output_dir={run_dir}",
+        "trainer.total_steps=1000",
+    ]
+    cmd = [
+        "salloc",
+        "--nodes=1",
+        "--gres=none",
+        "--time=5",
+        "bash",
+        str(SLURM_SCRIPTS / "ray_cluster.sh"),
+        *driver,
+    ]
+    salloc = subprocess.Popen(
+        cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        metrics = run_dir / "metrics.jsonl"
+        deadline = time.monotonic() + 120
+        while not (metrics.exists() and metrics.read_text().strip()):
+            assert salloc.poll() is None and time.monotonic() < deadline, salloc.communicate(timeout=30)[0]
+            time.sleep(0.2)
+        [launcher] = Path(f"/proc/{salloc.pid}/task/{salloc.pid}/children").read_text().split()
+        os.kill(int(launcher), signal.SIGUSR1)
+        out = salloc.communicate(timeout=60)[0]
+    finally:
+        if salloc.poll() is None:
+            salloc.kill()
+    assert salloc.returncode == 75, out
+    assert "through srun" in out and "driver exited with code 75" in out
+    assert (run_dir / "checkpoints" / "latest").exists()
     assert not ray_processes_left(ray_tmpdir)

@@ -44,11 +44,11 @@ def config_for(workdir: Path) -> str:
     return "recipe.yaml"  # relative to the submit dir, as a user would write it
 
 
-def submit_train(slurm, workdir: Path, step_seconds: float) -> tuple[str, Path, Path, str]:
+def submit_train(slurm, workdir: Path, step_seconds: float, train_cmd: str = TRAIN_CMD):
     """Submit train.sbatch shrunk to this node: 1 node, its 2 fake GPUs. Returns (job, run dir, log,
     Ray temp dir)."""
     run_dir, log, ray_tmp = workdir / "run", workdir / "job.out", make_ray_tmpdir()
-    env = job_env(run_dir, ray_tmp, HPT_TRAIN_CMD=TRAIN_CMD, HPT_FAKE_STEP_SECONDS=str(step_seconds))
+    env = job_env(run_dir, ray_tmp, HPT_TRAIN_CMD=train_cmd, HPT_FAKE_STEP_SECONDS=str(step_seconds))
     options = ["--nodes=1", f"--gres=gpu:{slurm.fake_gpus}", "--time=10", f"--output={log}"]
     job = slurm.sbatch(SLURM_SCRIPTS / "train.sbatch", config_for(workdir), *OVERRIDES,
                        options=options, env=env, cwd=workdir)  # fmt: skip
@@ -108,17 +108,21 @@ def test_train_sbatch_runs_to_completion(uninterrupted, slurm_cluster):
         assert launch["ray_address"].endswith(":6379")
 
 
+def wait_for_steps(slurm, job: str, run_dir: Path, log: Path, steps: int) -> None:
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= steps):
+        assert time.monotonic() < deadline, f"no training progress; log:\n{log.read_text()[-3000:]}"
+        assert slurm.job(job)["JobState"] in {"PENDING", "RUNNING"}, log.read_text()[-3000:]
+        time.sleep(0.2)
+
+
 def test_preempted_job_requeues_resumes_and_matches(uninterrupted, slurm, tmp_path):
     """USR1 to the batch shell (what --signal=B:USR1@120 sends before the time limit): the driver
     checkpoints and exits 75, the script requeues the job, the job resumes from the checkpoint."""
     _, reference_dir, _ = uninterrupted
     job, run_dir, log, ray_tmp = submit_train(slurm, tmp_path, step_seconds=0.5)
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.monotonic() + JOB_TIMEOUT
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
-        assert time.monotonic() < deadline, f"no training progress; log:\n{log.read_text()[-3000:]}"
-        assert slurm.job(job)["JobState"] in {"PENDING", "RUNNING"}, log.read_text()[-3000:]
-        time.sleep(0.2)
+    wait_for_steps(slurm, job, run_dir, log, 2)
     r = run(["scancel", "-b", "-s", "USR1", job])
     assert r.returncode == 0, r.stderr
 
@@ -132,3 +136,14 @@ def test_preempted_job_requeues_resumes_and_matches(uninterrupted, slurm, tmp_pa
         _, second = launches(run_dir)
         assert 2 <= second["start_step"] < STEPS and second["restart_count"] == "1"
         assert (run_dir / "checkpoints" / f"step_{second['start_step']:08d}").is_dir()
+
+
+def test_cancelled_job_checkpoints_and_stays_cancelled(slurm, tmp_path):
+    """A plain scancel sends SIGTERM to every process of the job: the driver checkpoints within
+    KillWait and exits 75, but a cancelled job must not requeue itself."""
+    job, run_dir, log, ray_tmp = submit_train(slurm, tmp_path, step_seconds=0.5, train_cmd=FAKE_TRAINER)
+    wait_for_steps(slurm, job, run_dir, log, 2)
+    assert run(["scancel", job]).returncode == 0
+    info = finish(slurm, job, log, ray_tmp)
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", log.read_text()
+    assert (run_dir / "checkpoints" / "latest").exists()

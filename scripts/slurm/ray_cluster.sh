@@ -15,9 +15,9 @@
 #      it runs on the head (the batch script of an sbatch job does), else through srun.
 #   5. Exits as soon as the driver exits (with the driver's exit code) or any Ray srun dies (exit 1,
 #      naming the node and showing the end of its log). On exit (trap EXIT) it stops the driver
-#      (TERM, then KILL after HPT_RAY_STOP_TIMEOUT), then the workers, then the head.
+#      (TERM, then KILL after HPT_RAY_STOP_TIMEOUT), then every Ray srun (the same way).
 #   Signals: USR1 and TERM are forwarded to the driver (the trainer checkpoints and exits 75). A
-#   USR1 that arrives before the driver started makes the script exit 75 at once (nothing to save).
+#   USR1 that arrives before the driver started makes the script exit 75 (nothing to save yet).
 #
 # Environment knobs (ports: unset = the default shown; set to "" = let Ray choose a free port):
 #   RUN_DIR                        run directory: ray/ logs and attach.sh go here
@@ -76,30 +76,26 @@ local_ip() {
   fi
 }
 
-node_args() {  # ray start arguments common to head and workers
-  local args=(
-    "--block" "--disable-usage-stats" "--temp-dir=$RAY_TMPDIR"
-    "--num-cpus=${HPT_RAY_NUM_CPUS:-${SLURM_CPUS_ON_NODE:?SLURM_CPUS_ON_NODE is not set}}"
-    "--num-gpus=$HPT_RAY_NUM_GPUS"
-  )
-  local agent_port=${HPT_RAY_DASHBOARD_AGENT_PORT-52365} flag value
-  for flag in node-manager-port object-manager-port min-worker-port max-worker-port \
-    dashboard-agent-listen-port dashboard-agent-grpc-port runtime-env-agent-port metrics-export-port; do
-    case $flag in
-      node-manager-port) value=${HPT_RAY_NODE_MANAGER_PORT-6380} ;;
-      object-manager-port) value=${HPT_RAY_OBJECT_MANAGER_PORT-6381} ;;
-      min-worker-port) value=${HPT_RAY_MIN_WORKER_PORT-10002} ;;
-      max-worker-port) value=${HPT_RAY_MAX_WORKER_PORT-19999} ;;
-      dashboard-agent-listen-port) value=$agent_port ;;
-      dashboard-agent-grpc-port) value=${agent_port:+$((agent_port + 1))} ;;
-      runtime-env-agent-port) value=${HPT_RAY_RUNTIME_ENV_AGENT_PORT-52367} ;;
-      metrics-export-port) value=${HPT_RAY_METRICS_PORT-52368} ;;
-    esac
-    [[ -z $value ]] || args+=("--$flag=$value")
+node_args() {  # ray start arguments common to head and workers, one per line
+  local agent_port=${HPT_RAY_DASHBOARD_AGENT_PORT-52365} port extra
+  echo "--block"
+  echo "--disable-usage-stats"
+  echo "--temp-dir=$RAY_TMPDIR"
+  echo "--num-cpus=${HPT_RAY_NUM_CPUS:-${SLURM_CPUS_ON_NODE:?SLURM_CPUS_ON_NODE is not set}}"
+  echo "--num-gpus=$HPT_RAY_NUM_GPUS"
+  for port in \
+    "node-manager-port=${HPT_RAY_NODE_MANAGER_PORT-6380}" \
+    "object-manager-port=${HPT_RAY_OBJECT_MANAGER_PORT-6381}" \
+    "min-worker-port=${HPT_RAY_MIN_WORKER_PORT-10002}" \
+    "max-worker-port=${HPT_RAY_MAX_WORKER_PORT-19999}" \
+    "dashboard-agent-listen-port=$agent_port" \
+    "dashboard-agent-grpc-port=${agent_port:+$((agent_port + 1))}" \
+    "runtime-env-agent-port=${HPT_RAY_RUNTIME_ENV_AGENT_PORT-52367}" \
+    "metrics-export-port=${HPT_RAY_METRICS_PORT-52368}"; do
+    [[ -z ${port#*=} ]] || echo "--$port"  # empty: Ray picks the port
   done
-  local extra
   read -ra extra <<<"${HPT_RAY_EXTRA_ARGS:-}"
-  printf '%s\n' "${args[@]}" "${extra[@]}"
+  if ((${#extra[@]})); then printf '%s\n' "${extra[@]}"; fi
 }
 
 # Per-node mode, run by srun on each node: `ray_cluster.sh --node head HEAD_IP` or
@@ -108,20 +104,18 @@ run_node() {
   local role=$1 target=$2 args
   unset RAY_ADDRESS
   mapfile -t args < <(node_args)
-  if [[ $role == head ]]; then
-    args+=("--node-ip-address=$target")
-  elif [[ -n ${HPT_NET_IFACE:-} ]]; then
-    args+=("--node-ip-address=$(iface_ip "$HPT_NET_IFACE")")
+  if [[ $role == worker ]]; then
+    [[ -z ${HPT_NET_IFACE:-} ]] || args+=("--node-ip-address=$(iface_ip "$HPT_NET_IFACE")")
+    exec ray start "--address=$target" "${args[@]}"
   fi
-  if [[ $role == head ]]; then
-    local dash=(--include-dashboard=false)
-    [[ ${HPT_RAY_DASHBOARD:-0} == 1 ]] &&
-      dash=(--include-dashboard=true --dashboard-host=127.0.0.1 "--dashboard-port=${HPT_RAY_DASHBOARD_PORT:-8265}")
-    local client_port=${HPT_RAY_CLIENT_PORT-10001}
-    [[ -z $client_port ]] || args+=("--ray-client-server-port=$client_port")
-    exec ray start --head "--port=$RAY_PORT" "${dash[@]}" "${args[@]}"
+  local client_port=${HPT_RAY_CLIENT_PORT-10001}
+  [[ -z $client_port ]] || args+=("--ray-client-server-port=$client_port")
+  if [[ ${HPT_RAY_DASHBOARD:-0} == 1 ]]; then
+    args+=(--include-dashboard=true --dashboard-host=127.0.0.1 "--dashboard-port=${HPT_RAY_DASHBOARD_PORT:-8265}")
+  else
+    args+=(--include-dashboard=false)
   fi
-  exec ray start "--address=$target" "${args[@]}"
+  exec ray start --head "--port=$RAY_PORT" "--node-ip-address=$target" "${args[@]}"
 }
 
 # --- the launcher ---------------------------------------------------------------------------------
@@ -215,7 +209,6 @@ start_node() {  # start_node ROLE NODE TARGET
   pid=$!
   ROLE[$pid]="$1 on node $2"
   LOGS[$pid]=$log_file
-  if [[ $1 == head ]]; then HEAD_PID=$pid; else WORKER_PIDS+=("$pid"); fi
 }
 
 write_attach() {
@@ -234,24 +227,33 @@ EOF
   log "attach to the head node with: $f"
 }
 
-stop_pid() {  # stop_pid PID SIGNAL: signal, wait up to HPT_RAY_STOP_TIMEOUT, then KILL
-  local pid=$1 deadline=$((SECONDS + ${HPT_RAY_STOP_TIMEOUT:-30}))
-  alive "$pid" || return 0
-  kill "-$2" "$pid" 2>/dev/null || return 0
-  while alive "$pid" && ((SECONDS < deadline)); do sleep 0.2; done
-  alive "$pid" && kill -KILL "$pid" 2>/dev/null
-  wait "$pid" 2>/dev/null || true
+any_alive() {
+  local pid
+  for pid in "$@"; do alive "$pid" && return 0; done
+  return 1
+}
+
+# stop_pids PID...: SIGTERM to all, wait up to HPT_RAY_STOP_TIMEOUT for all, then SIGKILL the rest.
+stop_pids() {
+  local pid deadline=$((SECONDS + ${HPT_RAY_STOP_TIMEOUT:-30}))
+  for pid in "$@"; do kill -TERM "$pid" 2>/dev/null || true; done
+  while any_alive "$@" && ((SECONDS < deadline)); do sleep 0.2; done
+  for pid in "$@"; do
+    if alive "$pid"; then kill -KILL "$pid" 2>/dev/null || true; fi
+    wait "$pid" 2>/dev/null || true
+  done
 }
 
 teardown() {
   local rc=$? pid
   trap - EXIT
   trap '' USR1 TERM INT  # finish tearing down even if SLURM signals again
-  [[ -n ${DRIVER_PID:-} ]] && { log "stopping the driver"; stop_pid "$DRIVER_PID" TERM; }
-  for pid in "${WORKER_PIDS[@]}" ${HEAD_PID:+"$HEAD_PID"}; do
-    if alive "$pid"; then log "stopping Ray ${ROLE[$pid]:-srun $pid}"; fi
-    stop_pid "$pid" TERM
-  done
+  if [[ -n ${DRIVER_PID:-} ]]; then
+    log "stopping the driver"
+    stop_pids "$DRIVER_PID"  # first, so that it can checkpoint while Ray is still up
+  fi
+  for pid in "${!ROLE[@]}"; do log "stopping Ray ${ROLE[$pid]}"; done
+  stop_pids "${!ROLE[@]}"
   [[ -n $DIED ]] && log "exit $rc: $DIED"
   exit "$rc"
 }
@@ -268,6 +270,8 @@ on_signal() {  # forward to the driver; before it starts, a preemption notice me
     exit 143
   fi
 }
+
+port_open() { timeout 2 bash -c "exec 3<>/dev/tcp/$1/$2" 2>/dev/null; }
 
 # The batch script of an sbatch job runs on the first node; an salloc shell usually does not.
 on_head() { [[ ${SLURMD_NODENAME:-$(hostname -s)} == "$HEAD" ]]; }
@@ -312,15 +316,15 @@ launch() {
   if [[ -z $head_ip ]] && on_head; then
     head_ip=$(local_ip)
   elif [[ -z $head_ip ]]; then
-    head_ip=$(srun --overlap --nodes=1 --ntasks=1 -w "$HEAD" bash "$SELF" --print-ip)
+    head_ip=$(srun --overlap --nodes=1 --ntasks=1 -w "$HEAD" bash "$SELF" --print-ip) ||
+      die "could not ask the head node $HEAD for its address with srun"
   fi
   export RAY_ADDRESS=$head_ip:$RAY_PORT
   export HPT_RAY_NUM_GPUS=${HPT_RAY_NUM_GPUS:-${SLURM_GPUS_ON_NODE:-0}}
   GRES=none
   ((HPT_RAY_NUM_GPUS == 0)) || GRES=gpu:$HPT_RAY_NUM_GPUS
-  declare -gA ROLE=() LOGS=()
-  WORKER_PIDS=()
-  HEAD_PID="" DRIVER_PID="" DIED="" PREEMPTED=0
+  declare -gA ROLE=() LOGS=()  # pid of each Ray srun -> "head on node X" / its log file
+  DRIVER_PID="" DIED="" PREEMPTED=0
   trap teardown EXIT
   trap 'on_signal USR1' USR1
   trap 'on_signal TERM' TERM
@@ -328,7 +332,7 @@ launch() {
   log "job $SLURM_JOB_ID: head $HEAD ($RAY_ADDRESS), ${#NODES[@]} node(s), temp dir $RAY_TMPDIR"
   start_node head "$HEAD" "$head_ip"
   local deadline=$((SECONDS + ${HPT_RAY_START_TIMEOUT:-300}))
-  until (exec 3<>"/dev/tcp/$head_ip/$RAY_PORT") 2>/dev/null; do
+  until port_open "$head_ip" "$RAY_PORT"; do
     check_sruns
     ((PREEMPTED == 0)) || exit 75
     ((SECONDS < deadline)) || die "the Ray head's GCS ($RAY_ADDRESS) did not open; see $RUN_DIR/ray/"

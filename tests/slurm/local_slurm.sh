@@ -181,6 +181,7 @@ up() {
     return 0
   fi
   [[ -e $STATE ]] && { log "found a stale state dir; cleaning it first"; down; }
+  trap 'rc=$?; ((rc == 0)) || { log "bring-up failed; stopping what was started"; down; }' EXIT
   mkdir -p "$STATE"
   chmod 0755 "$STATE"
   install_packages

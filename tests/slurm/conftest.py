@@ -1,6 +1,8 @@
 """A real single-node SLURM for the launcher tests, brought up once per session by local_slurm.sh.
 
-Knobs (environment) for pointing the train and preemption tests at another trainer:
+Knobs (environment) for pointing the run-to-completion and preemption tests of test_train.py at
+another trainer (the other tests check the launchers' wiring and always use the fake; metrics are
+compared without the keys under perf/, time/ and timing/, which measure wall-clock time):
   HPT_TEST_TRAIN_CMD        trainer command, split on spaces (default: tests/slurm/fake_trainer.py)
   HPT_TEST_TRAIN_CONFIG     recipe passed as CONFIG (default: an empty recipe)
   HPT_TEST_TRAIN_OVERRIDES  extra key=value overrides, split on spaces, appended after the launcher's

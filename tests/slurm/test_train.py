@@ -97,8 +97,8 @@ def test_train_sbatch_runs_to_completion(uninterrupted, slurm_cluster):
     gpus = slurm_cluster.fake_gpus
     assert f"Ray is up: 1 node(s), 2 CPU(s), {gpus} GPU(s)" in text
     assert (run_dir / "attach.sh").exists() and (run_dir / "ray" / f"head-{slurm_cluster.node}.log").exists()
-    assert (run_dir / "checkpoints" / "latest").exists()
     if USING_FAKE:
+        assert (run_dir / "checkpoints" / "latest").exists()
         assert steps == list(range(1, STEPS + 1))
         [launch] = launches(run_dir)
         assert launch["resume"] == "auto" and launch["start_step"] == 0

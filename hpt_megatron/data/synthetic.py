@@ -62,10 +62,11 @@ FIXED_WORDS = ("has", "Then", "How", "many", "does", "have", "now", "boxed")
 class Difficulty:
     """Knobs of the generator. Values stay within [0, max_value] at every step.
 
-    The defaults are sized for the CPU demo: with values up to 20 a 2-layer, 128-wide transformer
-    learns the task to about 75% held-out accuracy after 1000 SFT steps of 64 problems and to about
-    90% after 1500 (values up to 50 need roughly twice the steps). Copying numbers into the equations
-    is learned within a few hundred steps; the arithmetic facts are what takes the time.
+    The defaults are sized for the CPU demo. Measured with a 2-layer, 128-wide transformer trained by
+    SFT on batches of 64 demonstrations (lr 3e-3, greedy decoding on held-out problems): about 60%
+    accuracy after 600 steps, 75% after 1000, 93-98% after 1500 - a few minutes on two cores. Values up
+    to 50 need roughly twice the steps. Copying numbers into the equations is learned within a few
+    hundred steps; the arithmetic facts are what takes the time.
     """
 
     min_steps: int = 2

@@ -102,6 +102,21 @@ class RolloutConfig:
 
 
 @dataclass
+class SyntheticDataConfig:
+    """The embedded arithmetic task (hpt_megatron.data.synthetic), generated into the run directory;
+    it also provides the tokenizer when model.tokenizer is empty."""
+
+    train: int = 20000
+    val: int = 200
+    seed: int = 0
+    min_steps: int = 2
+    max_steps: int = 3
+    max_start: int = 10
+    max_operand: int = 9
+    max_value: int = 20
+
+
+@dataclass
 class DataConfig:
     train_files: list[str] = paths_field()
     val_files: list[str] = paths_field()
@@ -113,6 +128,7 @@ class DataConfig:
     max_response_len: int = 8192
     on_overlong_prompt: Literal["error", "skip"] = "skip"
     shuffle: bool = True
+    synthetic: SyntheticDataConfig | None = None  # generate the embedded task instead of reading files
 
 
 @dataclass

@@ -28,6 +28,41 @@ def needs_demonstrations(cfg: Config) -> bool:
     return any(s != Source.RL for a in algos for s in a.gate.sources)
 
 
+def materialize_synthetic(cfg: Config, run_dir: Path) -> Config:
+    """Write the synthetic task's parquet files and tokenizer under ``run_dir`` (reused when the
+    same settings made them before) and point the config at them."""
+    import dataclasses
+
+    from hpt_megatron.data.synthetic import Difficulty, write_dataset
+    from hpt_megatron.data.tokenizer import save_tokenizer
+
+    syn = cfg.data.synthetic
+    if syn is None:
+        return cfg
+    out = run_dir / "data"
+    stamp = json.dumps(dataclasses.asdict(syn), sort_keys=True)
+    files = {"train": out / "train.parquet", "val": out / "val.parquet"}
+    settings = out / "settings.json"
+    if not all(f.exists() for f in files.values()) or not settings.exists() or settings.read_text() != stamp:
+        difficulty = Difficulty(
+            min_steps=syn.min_steps,
+            max_steps=syn.max_steps,
+            max_start=syn.max_start,
+            max_operand=syn.max_operand,
+            max_value=syn.max_value,
+        )
+        files = write_dataset(out, train=syn.train, val=syn.val, seed=syn.seed, difficulty=difficulty)
+        settings.write_text(stamp)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train_files=[str(files["train"])]))
+    if syn.val:
+        cfg.data.val_files = [str(files["val"])]
+    if not cfg.model.tokenizer and not cfg.model.path:
+        cfg = dataclasses.replace(
+            cfg, model=dataclasses.replace(cfg.model, tokenizer=str(save_tokenizer(run_dir / "tokenizer")))
+        )
+    return cfg
+
+
 def load_data(cfg: Config) -> RunData:
     from hpt_megatron.cluster.worker import load_tokenizer
     from hpt_megatron.data import PromptSampler, build_prompt_dataset
@@ -48,7 +83,9 @@ def load_data(cfg: Config) -> RunData:
     )
     train = build_prompt_dataset(d.train_files, require_demonstration=needs_demonstrations(cfg), **common)
     val = build_prompt_dataset(d.val_files, **common) if d.val_files else None
-    sampler = PromptSampler(len(train), batch_size=cfg.trainer.prompts_per_step, seed=cfg.trainer.seed, shuffle=d.shuffle)
+    sampler = PromptSampler(
+        len(train), batch_size=cfg.trainer.prompts_per_step, seed=cfg.trainer.seed, shuffle=d.shuffle
+    )
     return RunData(tokenizer, train, val, sampler)
 
 
@@ -65,6 +102,7 @@ def setup_run(cfg: Config):
     from hpt_megatron.trainer import Run, latest_checkpoint
 
     run_dir = prepare_run_dir(cfg)
+    cfg = materialize_synthetic(cfg, run_dir)
     resume_from = _resume_path(cfg, run_dir, latest_checkpoint)
     if resume_from is None and (run_dir / "metrics.jsonl").exists():
         (run_dir / "metrics.jsonl").unlink()  # a fresh run in an old directory starts a fresh log
@@ -75,7 +113,9 @@ def setup_run(cfg: Config):
         timeout_s=r.timeout_s,
         memory_limit_mb=r.memory_limit_mb,
         config=GradeConfig(
-            answer_fallback=r.answer_fallback, choice_by_letter=r.choice_by_letter, max_response_chars=r.max_response_chars
+            answer_fallback=r.answer_fallback,
+            choice_by_letter=r.choice_by_letter,
+            max_response_chars=r.max_response_chars,
         ),
     )
     cluster = make_cluster(cfg)
@@ -98,7 +138,9 @@ def _resume_path(cfg: Config, run_dir: Path, latest_checkpoint) -> Path | None:
         return latest_checkpoint(run_dir)
     path = Path(resume)
     if not (path / "meta.json").is_file():
-        raise ValueError(f"trainer.resume={resume!r} is not a checkpoint directory (no meta.json); use 'auto' or 'none'")
+        raise ValueError(
+            f"trainer.resume={resume!r} is not a checkpoint directory (no meta.json); use 'auto' or 'none'"
+        )
     return path
 
 
@@ -124,7 +166,8 @@ def summarize(run, records: list[dict], seconds: float, final: Path, hf_dir: Pat
     acc, sft, ev = series("rollout/accuracy"), series("hpt/sft_fraction"), series("eval/accuracy")
     lines = [
         f"run {run.run_dir}  ({run.total_steps} steps, {seconds / 60:.1f} min)",
-        f"  algorithm        {run.cfg.algo.preset}" + (f" (+{len(run.cfg.trainer.phases)} phases)" if run.cfg.trainer.phases else ""),
+        f"  algorithm        {run.cfg.algo.preset}"
+        + (f" (+{len(run.cfg.trainer.phases)} phases)" if run.cfg.trainer.phases else ""),
     ]
     if ev:
         lines.append(f"  held-out acc     {ev[0]:.3f} (first eval) -> {ev[-1]:.3f} (last)")
@@ -166,4 +209,3 @@ def describe_plan(cfg: Config) -> str:
         },
         indent=1,
     )
-

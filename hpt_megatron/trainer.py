@@ -69,8 +69,13 @@ class Run:
 def generate(run: Run, prompts: list[list[int]], n: int, step: int):
     r = run.cfg.rollout
     params = SamplingParams(
-        n=n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,
-        stop=tuple(r.stop), seed=run.cfg.trainer.seed * 1_000_003 + step,
+        n=n,
+        temperature=r.temperature,
+        top_p=r.top_p,
+        top_k=r.top_k,
+        max_new_tokens=r.max_new_tokens,
+        stop=tuple(r.stop),
+        seed=run.cfg.trainer.seed * 1_000_003 + step,
     )
     return run.cluster.generate(prompts, params)
 
@@ -80,7 +85,11 @@ def score(run: Run, items, completions) -> torch.Tensor:
     n = len(completions[0]) if completions else 0
     if n == 0:
         return torch.zeros(len(items), 0, dtype=torch.float64)
-    queries = [(c.text, it.example.ground_truth, it.example.data_source) for it, cs in zip(items, completions) for c in cs]
+    queries = [
+        (c.text, it.example.ground_truth, it.example.data_source)
+        for it, cs in zip(items, completions)
+        for c in cs
+    ]
     results = run.verifier.score(queries)
     return torch.tensor([s.reward for s in results], dtype=torch.float64).view(len(items), n)
 
@@ -94,22 +103,32 @@ def demonstrations(run: Run, items, plan) -> tuple[dict[int, list[int]], dict[in
     rewards = {}
     if in_group:
         tok = run.data.tokenizer
-        queries = [(tok.decode(ids[g], skip_special_tokens=True), items[g].example.ground_truth, items[g].example.data_source) for g in in_group]
+        queries = [
+            (
+                tok.decode(ids[g], skip_special_tokens=True),
+                items[g].example.ground_truth,
+                items[g].example.data_source,
+            )
+            for g in in_group
+        ]
         rewards = {g: s.reward for g, s in zip(in_group, run.verifier.score(queries))}
     return ids, rewards
 
 
-def old_logprobs(run: Run, batch, metrics: dict) -> None:
-    """pi_old for the update, and the rollout-engine vs actor log-prob mismatch on RL tokens."""
+def old_logprobs(run: Run, batch) -> dict:
+    """pi_old for the updates, and the rollout-engine vs actor log-prob mismatch on RL tokens."""
     out = run.cluster.compute_logprobs(batch)
     batch.old_logp_BT = out["logp_BT"].to(batch.loss_mask_BT.dtype)
     rl = (batch.source_B == int(Source.RL))[:, None] * batch.loss_mask_BT
-    if rl.sum() > 0 and batch.rollout_logp_BT is not None:
-        diff = (batch.old_logp_BT - batch.rollout_logp_BT) * rl
-        n = float(rl.sum())
-        metrics["rollout/logp_mismatch_abs"] = float(diff.abs().sum()) / n
-        metrics["rollout/logp_mismatch_max"] = float(diff.abs().max())
-        metrics["rollout/logp_mismatch_k3"] = float(((torch.exp(diff) - diff - 1) * rl).sum()) / n
+    if rl.sum() == 0 or batch.rollout_logp_BT is None:
+        return {}
+    diff = (batch.old_logp_BT - batch.rollout_logp_BT) * rl
+    n = float(rl.sum())
+    return {
+        "rollout/logp_mismatch_abs": float(diff.abs().sum()) / n,
+        "rollout/logp_mismatch_max": float(diff.abs().max()),
+        "rollout/logp_mismatch_k3": float(((torch.exp(diff) - diff - 1) * rl).sum()) / n,
+    }
 
 
 def update(run: Run, step_batch, num_prompts: int, algo: AlgoConfig) -> dict:
@@ -148,19 +167,27 @@ def train_step(run: Run, step: int) -> dict:
     if step_batch is not None:
         batch = step_batch.batch
         metrics["rollout/empty_responses"] = float(step_batch.skipped_empty)
-        if algo.needs_old_logp or (batch.source_B == int(Source.RL)).any():
+        mismatch = {}
+        if algo.needs_old_logp and cfg.trainer.updates_per_step > 1:
+            # with a single update per step pi_old is the current policy: the actor uses its own
+            # forward (and logs the rollout/actor mismatch from it) instead of a separate pass
             with timer.stage("old_logprobs"):
-                old_logprobs(run, batch, metrics)
+                mismatch = old_logprobs(run, batch)
         with timer.stage("update"):
             metrics.update(update(run, step_batch, len(items), algo))
+        metrics.update(mismatch)
         metrics["perf/train_tokens"] = float(batch.loss_mask_BT.sum())
     with timer.stage("weight_sync"):
         metrics.update(run.cluster.sync_weights())
     metrics.update(timer.metrics())
     total = sum(timer.seconds.values())
     metrics["perf/step_s"] = total
-    metrics["perf/train_tokens_per_s"] = metrics.get("perf/train_tokens", 0.0) / max(timer.seconds.get("update", 0.0), 1e-9)
-    metrics["perf/generated_tokens_per_s"] = metrics["rollout/generated_tokens"] / max(timer.seconds["rollout"], 1e-9)
+    metrics["perf/train_tokens_per_s"] = metrics.get("perf/train_tokens", 0.0) / max(
+        timer.seconds.get("update", 0.0), 1e-9
+    )
+    metrics["perf/generated_tokens_per_s"] = metrics["rollout/generated_tokens"] / max(
+        timer.seconds["rollout"], 1e-9
+    )
     metrics["perf/samples_per_s"] = len(items) / max(total, 1e-9)
     return metrics
 
@@ -178,13 +205,15 @@ def step_metrics(routing, rewards, completions, plan) -> dict:
         "rollout/generated_tokens": float(sum(lengths)),
     }
     if rewards.numel():
-        m.update({
-            "rollout/accuracy": float((rewards > 0.5).double().mean()),
-            "reward/mean": float(rewards.mean()),
-            "rollout/response_len": sum(lengths) / len(lengths),
-            "rollout/truncated_fraction": sum(truncated) / len(truncated),
-            "hpt/P_mean": float(routing.p_G.mean()),
-        })
+        m.update(
+            {
+                "rollout/accuracy": float((rewards > 0.5).double().mean()),
+                "reward/mean": float(rewards.mean()),
+                "rollout/response_len": sum(lengths) / len(lengths),
+                "rollout/truncated_fraction": sum(truncated) / len(truncated),
+                "hpt/P_mean": float(routing.p_G.mean()),
+            }
+        )
     return m
 
 
@@ -197,8 +226,13 @@ def evaluate(run: Run, step: int) -> dict:
     if data is None:
         return {}
     e = run.cfg.eval
-    params = SamplingParams(n=1, temperature=e.temperature, top_p=e.top_p, max_new_tokens=e.max_new_tokens,
-                            seed=run.cfg.trainer.seed + 7919 * step)
+    params = SamplingParams(
+        n=1,
+        temperature=e.temperature,
+        top_p=e.top_p,
+        max_new_tokens=e.max_new_tokens,
+        seed=run.cfg.trainer.seed + 7919 * step,
+    )
     items = data.batch(range(len(data)))
     completions = run.cluster.generate([it.prompt_ids for it in items], params)
     rewards = score(run, items, completions)[:, 0]
@@ -257,8 +291,16 @@ def fit(run: Run) -> int:
     from tqdm import tqdm
 
     cfg = run.cfg
-    window = ProfileWindow(cfg.profile.steps, 0, cfg.profile.ranks, cfg.profile.torch_profiler, str(run.run_dir / "profile"))
-    bar = tqdm(total=run.total_steps, initial=run.start_step, desc="hpt", disable=not cfg.logging.progress, dynamic_ncols=True)
+    window = ProfileWindow(
+        cfg.profile.steps, 0, cfg.profile.ranks, cfg.profile.torch_profiler, str(run.run_dir / "profile")
+    )
+    bar = tqdm(
+        total=run.total_steps,
+        initial=run.start_step,
+        desc="hpt",
+        disable=not cfg.logging.progress,
+        dynamic_ncols=True,
+    )
     for step in range(run.start_step, run.total_steps):
         window.step_begin(step)
         metrics = train_step(run, step)
@@ -276,7 +318,9 @@ def fit(run: Run) -> int:
             return 1
         if run.stop_signal:
             path = save_checkpoint(run, done)
-            print_rank0(f"\n{run.stop_signal}: checkpoint at {path}; exiting with {PREEMPTED} (resume with --resume auto)")
+            print_rank0(
+                f"\n{run.stop_signal}: checkpoint at {path}; exiting with {PREEMPTED} (resume with --resume auto)"
+            )
             return PREEMPTED
         if cfg.trainer.save_every and done % cfg.trainer.save_every == 0 and done < run.total_steps:
             save_checkpoint(run, done)
@@ -314,4 +358,3 @@ if __name__ == "__main__":
     from hpt_megatron.cli import train_main
 
     sys.exit(train_main())
-

@@ -18,9 +18,10 @@ from torch import Tensor
 
 from hpt_megatron.algo.masks import MAX_LOG_RATIO, MaskContext
 from hpt_megatron.algo.spec import AlgoConfig, KLPenalty, Term
-from hpt_megatron.algo.types import Counts, LossInputs
+from hpt_megatron.algo.types import Counts, LossInputs, Source
 
 ALL = "all"
+ROLLOUT = "rollout"  # on-policy rollout rows, for the rollout/actor log-prob mismatch
 
 
 def count_rows(algo: AlgoConfig, source_B: Tensor, mask_BT: Tensor) -> Counts:
@@ -28,6 +29,8 @@ def count_rows(algo: AlgoConfig, source_B: Tensor, mask_BT: Tensor) -> Counts:
     mini-batch and all-reduce over data-parallel ranks to get the global ``Counts``."""
     m = mask_BT.double()
     tokens, seqs = {ALL: float(m.sum())}, {ALL: float((m.sum(-1) > 0).sum())}
+    rl = m * (source_B == int(Source.RL))[:, None]
+    tokens[ROLLOUT], seqs[ROLLOUT] = float(rl.sum()), float((rl.sum(-1) > 0).sum())
     for name, term in algo.terms.items():
         rows = torch.isin(source_B, torch.tensor(term.source_ids(), device=source_B.device))
         tm = m * rows[:, None]
@@ -111,6 +114,20 @@ def regularizers(entropy_coef: float, kl: KLPenalty, x: LossInputs, counts: Coun
         metrics["actor/kl"] = kl_mean.detach()
         metrics["loss/kl"] = (kl.coef * kl_mean).detach()
     return loss, metrics
+
+
+def rollout_mismatch(
+    logp_BT: Tensor, rollout_logp_BT: Tensor, x: LossInputs, counts: Counts
+) -> dict[str, Tensor]:
+    """How far the actor's log-probs of sampled tokens are from the rollout engine's (additive)."""
+    m = x.mask_BT.to(logp_BT.dtype) * (x.source_B == int(Source.RL))[:, None]
+    n = max(counts.tokens.get(ROLLOUT, 0.0), 1.0)
+    diff = torch.where(m.bool(), logp_BT.detach() - rollout_logp_BT, 0.0)
+    return {
+        "rollout/logp_mismatch_abs": (diff.abs() * m).sum() / n,
+        "rollout/logp_mismatch_k3": ((torch.exp(diff.clamp(max=MAX_LOG_RATIO)) - diff - 1.0) * m).sum() / n,
+        "rollout/logp_mismatch_max": (diff.abs() * m).max() if m.numel() else diff.new_zeros(()),
+    }
 
 
 def upge_loss(algo: AlgoConfig, x: LossInputs, counts: Counts) -> tuple[Tensor, dict[str, Tensor]]:

@@ -6,6 +6,7 @@ runs one worker per device as Ray actors. Both implement ``_call_all`` / ``_call
 from __future__ import annotations
 
 import socket
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -40,10 +41,18 @@ class Cluster:
         """Prompts split evenly over the ranks' rollout engines; results back in prompt order."""
         n = self.world_size
         bounds = [len(prompts) * r // n for r in range(n + 1)]
-        shards = [(prompts[bounds[r] : bounds[r + 1]], params) for r in range(n)]
+        shards = [
+            (
+                prompts[bounds[r] : bounds[r + 1]],
+                replace(params, prompt_offset=params.prompt_offset + bounds[r]),
+            )
+            for r in range(n)
+        ]
         return [c for part in self._call_each("generate", shards) for c in part]
 
-    def compute_logprobs(self, batch: TrainBatch, with_entropy: bool = False) -> dict[str, torch.Tensor | None]:
+    def compute_logprobs(
+        self, batch: TrainBatch, with_entropy: bool = False
+    ) -> dict[str, torch.Tensor | None]:
         """Log-probs (and entropy) of every row of ``batch`` under the current weights."""
         reports = [r for r in self._call_all("compute_logprobs", batch, with_entropy) if r is not None]
         logp = torch.zeros_like(batch.loss_mask_BT, dtype=torch.float32)
@@ -86,7 +95,9 @@ class LocalCluster(Cluster):
         from hpt_megatron.cluster.worker import PolicyWorker
 
         if cfg.cluster.world_size != 1:
-            raise ValueError("LocalCluster runs one rank; use the Ray cluster for cluster.devices_per_node > 1")
+            raise ValueError(
+                "LocalCluster runs one rank; use the Ray cluster for cluster.devices_per_node > 1"
+            )
         self.world_size = 1
         self.worker = PolicyWorker(cfg, 0, 1, "127.0.0.1", free_port())
 

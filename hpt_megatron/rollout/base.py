@@ -25,6 +25,9 @@ class SamplingParams:
     max_new_tokens: int = 256
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    # index of the first prompt within the whole step's prompts: sample seeds depend on the global
+    # prompt index, so splitting prompts across engines never changes what is sampled
+    prompt_offset: int = 0
 
     def __post_init__(self):
         if self.n < 1 or self.max_new_tokens < 1:
@@ -35,6 +38,13 @@ class SamplingParams:
             raise ValueError(
                 f"sampling: need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}"
             )
+
+    def prompt_seed(self, i: int) -> int:
+        """Seed of the i-th prompt of this call (None seed: 0)."""
+        return ((self.seed or 0) * 1_000_003 + self.prompt_offset + i) % (2**62)
+
+    def sample_seed(self, i: int, j: int) -> int:
+        return (self.prompt_seed(i) * 1009 + j) % (2**62)
 
     @property
     def logprob_temperature(self) -> float:

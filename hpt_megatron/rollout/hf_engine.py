@@ -13,10 +13,11 @@ from torch import Tensor
 
 from hpt_megatron.convert.export import WeightManifest, verify_weights
 from hpt_megatron.rollout.base import Bucket, Completion, SamplingParams
+from hpt_megatron.rollout.sampling import Sampled, sample
 
 
 class HFEngine:
-    def __init__(self, model, tokenizer, device: str | torch.device = "cpu", max_batch: int = 64):
+    def __init__(self, model, tokenizer, device: str | torch.device = "cpu", max_batch: int = 512):
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
         self.device = torch.device(device)
@@ -25,7 +26,7 @@ class HFEngine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
 
     @classmethod
-    def from_config(cls, hf_config, tokenizer, device="cpu", dtype=torch.float32, max_batch: int = 64):
+    def from_config(cls, hf_config, tokenizer, device="cpu", dtype=torch.float32, max_batch: int = 512):
         """A model of the given transformers config; its weights come from ``load_weights``."""
         from transformers import AutoModelForCausalLM
 
@@ -69,61 +70,36 @@ class HFEngine:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
-        flat = [p for p in prompts for _ in range(params.n)]
+        rows = [(i, j) for i in range(len(prompts)) for j in range(params.n)]
         out: list[Completion] = []
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            if params.seed is not None:
-                torch.manual_seed(params.seed)
-            for a in range(0, len(flat), self.max_batch):
-                out += self._generate_batch(flat[a : a + self.max_batch], params)
-        return [out[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]
-
-    def _generate_batch(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):  # left padding
-            ids[i, width - len(p) :] = torch.as_tensor(p)
-            attn[i, width - len(p) :] = 1
-        kwargs = dict(
-            max_new_tokens=params.max_new_tokens,
-            do_sample=params.temperature > 0,
-            eos_token_id=self.eos_ids,
-            pad_token_id=self.pad_id,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-        if params.temperature > 0:
-            kwargs.update(
+        for a in range(0, len(rows), self.max_batch):
+            chunk = rows[a : a + self.max_batch]
+            res = sample(
+                self.model,
+                [prompts[i] for i, _ in chunk],
+                [params.sample_seed(i, j) for i, j in chunk],
+                max_new_tokens=params.max_new_tokens,
                 temperature=params.temperature,
                 top_p=params.top_p,
-                top_k=params.top_k if params.top_k > 0 else 0,
+                top_k=params.top_k,
+                eos_ids=self.eos_ids,
+                pad_id=self.pad_id,
             )
-        if params.stop:
-            kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
-        res = self.model.generate(
-            input_ids=ids.to(self.device), attention_mask=attn.to(self.device), **kwargs
-        )
-        new = res.sequences[:, width:].cpu()
-        logits = torch.stack(res.logits, dim=1).float().cpu()  # raw logits [B, steps, V]
-        logp = torch.log_softmax(logits / params.logprob_temperature, dim=-1)
-        token_logp = logp.gather(-1, new[..., None]).squeeze(-1)
-        return [self._completion(new[i], token_logp[i], params) for i in range(len(prompts))]
+            out += [self._completion(res, k, params) for k in range(len(chunk))]
+        return [out[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]
 
-    def _completion(self, tokens: Tensor, logp: Tensor, params: SamplingParams) -> Completion:
-        ids = tokens.tolist()
-        end, reason = len(ids), "length"
-        for j, t in enumerate(ids):
-            if t in self.eos_ids:
-                end, reason = j + 1, "stop"
-                break
-        text = self.tokenizer.decode(ids[:end], skip_special_tokens=True)
-        for s in params.stop:
-            k = text.find(s)
-            if k >= 0:
-                reason = "stop"
-                text = text[: k + len(s)]
-        return Completion(token_ids=ids[:end], text=text, logprobs=logp[:end].tolist(), finish_reason=reason)
+    def _completion(self, res: Sampled, k: int, params: SamplingParams) -> Completion:
+        n = int(res.lengths_B[k])
+        ids = res.tokens_BN[k, :n].tolist()
+        reason = "stop" if bool(res.stopped_B[k]) else "length"
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        for s in params.stop:  # stop strings end the text (the tokens stay as generated)
+            cut = text.find(s)
+            if cut >= 0:
+                text, reason = text[: cut + len(s)], "stop"
+        return Completion(
+            token_ids=ids, text=text, logprobs=res.logprobs_BN[k, :n].tolist(), finish_reason=reason
+        )
 
 
 def _eos_ids(model, tokenizer) -> list[int]:

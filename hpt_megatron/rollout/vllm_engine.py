@@ -70,17 +70,20 @@ class VLLMEngine:
         if self.asleep or self.stale:
             state = "asleep" if self.asleep else "stale after an incomplete weight sync"
             raise RuntimeError(f"vLLM engine is {state}; call load_weights()/wake() first")
-        sp = vllm.SamplingParams(
-            n=params.n,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            top_k=params.top_k,
-            max_tokens=params.max_new_tokens,
-            stop=list(params.stop),
-            logprobs=0,
-            seed=params.seed,
-        )
-        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+        per_prompt = [
+            vllm.SamplingParams(
+                n=params.n,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                top_k=params.top_k,
+                max_tokens=params.max_new_tokens,
+                stop=list(params.stop),
+                logprobs=0,
+                seed=params.prompt_seed(i),  # per prompt: independent of how prompts are sharded
+            )
+            for i in range(len(prompts))
+        ]
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], per_prompt, use_tqdm=False)
         return [[_completion(o) for o in out.outputs] for out in outputs]
 
     def sleep(self) -> None:

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from hpt_megatron.algo import AlgoConfig, Counts, LossInputs, merge_metrics, upge_loss
+from hpt_megatron.algo.loss import rollout_mismatch
 from hpt_megatron.config import OptimConfig
 from hpt_megatron.models import ArchConfig, build_gpt_model
 from hpt_megatron.train.batching import (
@@ -223,17 +224,21 @@ class MegatronActor:
         def cast(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.to(logits.device, dtype)
 
+        # Without a recomputed pi_old (one update per step), pi_old IS the current policy.
+        old = cast(b.old_logp_BT) if b.old_logp_BT is not None else logp.detach()
         x = LossInputs(
             logp_BT=logp,
             mask_BT=cast(b.loss_mask_BT),
             source_B=b.source_B.to(logits.device),
             advantages={k: cast(v) for k, v in b.advantages.items()},
             coef_B=cast(b.coef_B),
-            old_logp_BT=cast(b.old_logp_BT),
+            old_logp_BT=old,
             ref_logp_BT=cast(b.ref_logp_BT),
             entropy_BT=ent,
         )
         loss, metrics = upge_loss(algo, x, counts)
+        if b.rollout_logp_BT is not None:
+            metrics.update(rollout_mismatch(logp, cast(b.rollout_logp_BT), x, counts))
         return loss, torch.tensor(1), {k: v.detach().clone().cpu() for k, v in metrics.items()}
 
     # ---- weights ------------------------------------------------------------------------------------

@@ -57,7 +57,12 @@ def build_step_batch(
     batch = build_train_batch(rows, sources, coefs)
     batch.rollout_logp_BT = _rollout_logp(batch, rows, rollout_logps)
     rewards_B = torch.tensor(rewards, dtype=torch.float64)
-    scored = ScoredRows(rewards_B=rewards_B, group_B=torch.tensor(prompts), mask_BT=batch.loss_mask_BT, source_B=batch.source_B)
+    scored = ScoredRows(
+        rewards_B=rewards_B,
+        group_B=torch.tensor(prompts),
+        mask_BT=batch.loss_mask_BT,
+        source_B=batch.source_B,
+    )
     batch.advantages = algo.advantages(scored)
     return StepBatch(batch, prompts, rewards_B, skipped)
 

@@ -25,10 +25,11 @@ class FakeLLM:
         self.loaded: list[list[str]] = []
         events.append(("init", kwargs["enable_sleep_mode"]))
 
-    def generate(self, prompts, sp, use_tqdm=False):
+    def generate(self, prompts, sps, use_tqdm=False):
         self.events.append(("generate", len(prompts)))
+        self.seeds = [sp.seed for sp in sps]
         outs = []
-        for p in prompts:
+        for p, sp in zip(prompts, sps):
             samples = []
             for j in range(sp.n):
                 tok = [p["prompt_token_ids"][-1] + 1 + j, 7]
@@ -99,6 +100,10 @@ def test_step_call_order_and_buckets(fake_vllm):
     kinds = [e[0] for e in fake_vllm]
     assert kinds == ["init", "generate", "sleep", "wake_up", "load", "load", "wake_up", "generate"]
     assert fake_vllm[2] == ("sleep", 1)
+    # one seed per prompt, from the global prompt index: sharding prompts does not change samples
+    shifted = SamplingParams(n=2, temperature=1.0, max_new_tokens=4, seed=3, prompt_offset=1)
+    engine.generate([[5]], shifted)
+    assert engine.llm.seeds == [SamplingParams(seed=3).prompt_seed(1)]
     assert fake_vllm[3] == ("wake_up", ("weights",)) and fake_vllm[6] == ("wake_up", ("kv_cache",))
     assert [e[1] for e in fake_vllm if e[0] == "load"] == [("a.weight",), ("b.weight", "c.bias")]
     assert engine.llm.loaded == [["a.weight"], ["b.weight", "c.bias"]]

@@ -53,6 +53,7 @@ class PolicyWorker:
         from hpt_megatron.train.actor import ActorOptions, MegatronActor
 
         self.cfg = cfg
+        torch.manual_seed(cfg.trainer.seed)  # random initialisation is reproducible run to run
         self.ctx = init_parallel(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.trainer.seed)
         self.arch = arch_config_from_hf(str(cfg.model.config_json()))
         fp8 = FP8Options(

@@ -102,7 +102,24 @@ def _train_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Optional accelerator libraries missing on a CPU machine: expected, and said once in the README.
+QUIET_WARNINGS = (
+    r".*Transformer Engine and Apex are not installed.*",
+    r".*Apex is not installed.*",
+    r".*full scope is deprecated.*",
+    r".*CUDA_DEVICE_MAX_CONNECTIONS.*",
+)
+
+
+def quiet_known_warnings() -> None:
+    import warnings
+
+    for pattern in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+
+
 def train_main(argv: list[str] | None = None) -> int:
+    quiet_known_warnings()
     args = _train_parser().parse_args(argv)
     if args.list_algorithms:
         if args.markdown:

@@ -301,6 +301,9 @@ def fit(run: Run) -> int:
         disable=not cfg.logging.progress,
         dynamic_ncols=True,
     )
+    if cfg.trainer.eval_before_train and run.start_step == 0:
+        run.last_eval = evaluate(run, 0)
+        run.sink.log(0, run.last_eval)
     for step in range(run.start_step, run.total_steps):
         window.step_begin(step)
         metrics = train_step(run, step)

@@ -34,7 +34,9 @@ class WorkerDied(RuntimeError):
 class RemoteWorker:
     """Runs inside the Ray actor: redirects output to a log file, then builds the PolicyWorker."""
 
-    def __init__(self, cfg, rank: int, world_size: int, master_addr: str, master_port: int, log_path: str, threads: int):
+    def __init__(
+        self, cfg, rank: int, world_size: int, master_addr: str, master_port: int, log_path: str, threads: int
+    ):
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         log = open(log_path, "a", buffering=1)  # noqa: SIM115 (lives as long as the process)
         os.dup2(log.fileno(), 1)
@@ -123,7 +125,9 @@ class RayCluster(Cluster):
                     ) from None
                 except ray.exceptions.RayTaskError as e:
                     self.shutdown()
-                    raise WorkerDied(f"worker rank {rank} failed:\n{e}\n--- last lines of its log ---\n{self._tail(rank)}") from None
+                    raise WorkerDied(
+                        f"worker rank {rank} failed:\n{e}\n--- last lines of its log ---\n{self._tail(rank)}"
+                    ) from None
         return [results[r] for r in range(len(refs))]
 
     def _call_all(self, method: str, *args: Any) -> list[Any]:

@@ -31,7 +31,9 @@ def overrides(run_dir: Path, steps: int, *extra: str) -> list[str]:
     return [*FAST, f"trainer.output_dir={run_dir}", f"trainer.total_steps={steps}", *extra]
 
 
-def hpt_train(run_dir: Path, steps: int, *extra: str, timeout: float = 600, **popen) -> subprocess.CompletedProcess:
+def hpt_train(
+    run_dir: Path, steps: int, *extra: str, timeout: float = 600, **popen
+) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "hpt_megatron.cli", str(TINY), *overrides(run_dir, steps, *extra)]
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, **popen)

@@ -14,8 +14,15 @@ from tests.e2e.runs import ROOT, hpt_train, metrics
 
 pytestmark = pytest.mark.e2e
 
-KEYS = ("rollout/accuracy", "hpt/sft_fraction", "loss/total", "loss/sft", "actor/grad_norm", "actor/entropy",
-        "rollout/generated_tokens")
+KEYS = (
+    "rollout/accuracy",
+    "hpt/sft_fraction",
+    "loss/total",
+    "loss/sft",
+    "actor/grad_norm",
+    "actor/entropy",
+    "rollout/generated_tokens",
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +36,9 @@ def hf_start(tmp_path_factory):
     out = tmp_path_factory.mktemp("start")
     cfg = json.loads((ROOT / "configs/models/tiny-qwen2.json").read_text())
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**{k: v for k, v in cfg.items() if k != "architectures"}))
+    model = AutoModelForCausalLM.from_config(
+        AutoConfig.for_model(**{k: v for k, v in cfg.items() if k != "architectures"})
+    )
     model.save_pretrained(out)
     save_tokenizer(out)
     return out

@@ -29,20 +29,36 @@ def test_a_short_run_learns_and_exports_a_working_model(reference):
     # random init: every prompt fails its rollouts, so HPT trains them all by SFT at first
     assert first["hpt/sft_fraction"] == 1.0 and first["rollout/accuracy"] == 0.0
     assert last["loss/sft"] < 0.8 * first["loss/sft"]  # learning signal
-    for key in ("hpt/sft_fraction", "rollout/accuracy", "reward/mean", "loss/total", "actor/grad_norm",
-                "actor/entropy", "perf/time/rollout", "perf/time/update", "perf/weight_sync_s"):
+    for key in (
+        "hpt/sft_fraction",
+        "rollout/accuracy",
+        "reward/mean",
+        "loss/total",
+        "actor/grad_norm",
+        "actor/entropy",
+        "perf/time/rollout",
+        "perf/time/update",
+        "perf/weight_sync_s",
+    ):
         assert key in last, key
 
     # outputs: Megatron checkpoint, Hugging Face model, plots, summary
     assert (reference / "checkpoints" / "step_00000006" / "meta.json").is_file()
     assert (reference / "plots.png").read_bytes()[:4] == b"\x89PNG"
-    assert "held-out" in (reference / "summary.txt").read_text() or "rollout acc" in (reference / "summary.txt").read_text()
+    assert (
+        "held-out" in (reference / "summary.txt").read_text()
+        or "rollout acc" in (reference / "summary.txt").read_text()
+    )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(reference / "hf")
     tok = AutoTokenizer.from_pretrained(reference / "hf")
-    ids = tok.apply_chat_template([{"role": "user", "content": "Tom has 3 apples. How many apples does Tom have now?"}],
-                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "Tom has 3 apples. How many apples does Tom have now?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )["input_ids"]
     out = model.generate(ids, max_new_tokens=8, do_sample=False)
     assert out.shape[1] > ids.shape[1]
 
@@ -56,7 +72,7 @@ def test_sigterm_checkpoints_and_resume_matches_the_uninterrupted_run(reference,
     while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 2):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=300)
+    _, err = proc.communicate(timeout=300)
     assert proc.returncode == 75, err[-3000:]
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
     stopped_at = int(latest.split("_")[1])
@@ -64,7 +80,7 @@ def test_sigterm_checkpoints_and_resume_matches_the_uninterrupted_run(reference,
 
     resumed = hpt_train(run_dir, 6, "trainer.resume=auto")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed from" in resumed.stdout
+    assert "resumed from" in resumed.stdout
     got = [comparable(r) for r in metrics(run_dir)]
     want = [comparable(r) for r in metrics(reference)]
     assert [r["step"] for r in got] == list(range(1, 7))

@@ -20,6 +20,7 @@ FAST = [
     "trainer.prompts_per_step=16",
     "trainer.mini_batch_prompts=16",
     "trainer.eval_every=0",
+    "trainer.eval_before_train=false",
     "trainer.save_every=0",
     "logging.progress=false",
     "logging.tensorboard=false",

@@ -48,6 +48,11 @@
 #   HPT_RAY_START_TIMEOUT          seconds to wait for the whole cluster (300)
 #   HPT_RAY_STOP_TIMEOUT           seconds the driver and each srun get to exit on teardown (30)
 #   HPT_RAY_POLL                   seconds between health checks while waiting (2)
+#   HPT_RAY_AUTH                   1 (default): token authentication with a fresh random token per job
+#                                  in $RUN_DIR/ray/auth_token (mode 600), shared by every node, the
+#                                  readiness probe and the driver; 0: Ray's own default. A per-job token
+#                                  also keeps a stale ~/.ray/auth_token (left by a local ray.init) from
+#                                  locking the launcher out of its own cluster.
 set -euo pipefail
 
 SELF=$(readlink -f "${BASH_SOURCE[0]}")
@@ -221,7 +226,7 @@ write_attach() {
 set -euo pipefail
 if [[ \$# -eq 0 ]]; then set -- bash -i; pty=(--pty); else pty=(); fi
 exec srun --jobid=$SLURM_JOB_ID --overlap --nodes=1 --ntasks=1 -w $HEAD "\${pty[@]}" \\
-  --export=ALL,RAY_ADDRESS=$RAY_ADDRESS "\$@"
+  --export=ALL,RAY_ADDRESS=$RAY_ADDRESS${RAY_AUTH_MODE:+,RAY_AUTH_MODE=$RAY_AUTH_MODE,RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH} "\$@"
 EOF
   chmod +x "$f"
   log "attach to the head node with: $f"
@@ -306,6 +311,10 @@ launch() {
   command -v ray >/dev/null || die "'ray' is not on PATH (activate the environment that has Ray)"
   RUN_DIR=${RUN_DIR:-${SLURM_SUBMIT_DIR:-$PWD}/ray-$SLURM_JOB_ID}
   mkdir -p "$RUN_DIR/ray"
+  if [[ ${HPT_RAY_AUTH:-1} == 1 ]]; then
+    (umask 077 && python3 -c 'import secrets; print(secrets.token_hex(32))' >"$RUN_DIR/ray/auth_token")
+    export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$RUN_DIR/ray/auth_token
+  fi
   if [[ -n ${HPT_RAY_NODES:-} ]]; then
     read -ra NODES <<<"$HPT_RAY_NODES"
   else

@@ -3,14 +3,14 @@
 Knobs (environment) for pointing the run-to-completion and preemption tests of test_train.py at
 another trainer (the other tests check the launchers' wiring and always use the fake; metrics are
 compared without the keys under perf/, time/ and timing/, which measure wall-clock time):
-  HPT_TEST_TRAIN_CMD        trainer command, split on spaces (default: tests/slurm/fake_trainer.py)
-  HPT_TEST_TRAIN_CONFIG     recipe passed as CONFIG (default: an empty recipe)
+  HPT_TEST_TRAIN_CMD        trainer command, split on spaces (default: the real trainer,
+                            python -m hpt_megatron.cli; "fake": tests/slurm/fake_trainer.py)
+  HPT_TEST_TRAIN_CONFIG     recipe passed as CONFIG (default: configs/tiny_cpu.yaml; the fake: empty)
   HPT_TEST_TRAIN_OVERRIDES  extra key=value overrides, split on spaces, appended after the launcher's
   HPT_TEST_TRAIN_STEPS      trainer.total_steps of those runs (default 8)
   HPT_TEST_JOB_TIMEOUT      seconds one job may take before the test fails (default 180)
   HPT_SLURM_STATE           where local_slurm.sh keeps the cluster (default /tmp/hpt-slurm)
-e.g. HPT_TEST_TRAIN_CMD=hpt-train HPT_TEST_TRAIN_CONFIG=configs/tiny_cpu.yaml \
-     HPT_TEST_TRAIN_OVERRIDES="cluster.devices_per_node=1 trainer.save_every=1" pytest -m slurm
+e.g. HPT_TEST_TRAIN_CMD=fake pytest -m slurm   (the launchers alone, with the stand-in trainer)
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Both runs go through the whole path a cluster job takes: sbatch (production #SBATCH lines shrunk by
 command-line options) -> batch shell -> ray_cluster.sh (Ray head in an srun step) -> the trainer.
-The trainer is tests/slurm/fake_trainer.py unless HPT_TEST_TRAIN_CMD names another (see conftest).
+The trainer is the real embedded job (configs/tiny_cpu.yaml, shrunk to a few small steps) unless
+HPT_TEST_TRAIN_CMD names another; HPT_TEST_TRAIN_CMD=fake uses tests/slurm/fake_trainer.py (see conftest).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -28,18 +30,35 @@ from tests.slurm.conftest import (
 
 pytestmark = pytest.mark.slurm
 
-TRAIN_CMD = os.environ.get("HPT_TEST_TRAIN_CMD", FAKE_TRAINER)
+# By default the real embedded job (tiny_cpu, shrunk); HPT_TEST_TRAIN_CMD=fake selects the stand-in.
+REAL_TRAINER = f"{sys.executable} -m hpt_megatron.cli"
+TRAIN_CMD = os.environ.get("HPT_TEST_TRAIN_CMD", REAL_TRAINER)
+TRAIN_CMD = FAKE_TRAINER if TRAIN_CMD == "fake" else TRAIN_CMD
 USING_FAKE = TRAIN_CMD == FAKE_TRAINER
 STEPS = int(os.environ.get("HPT_TEST_TRAIN_STEPS", 8))
-OVERRIDES = [f"trainer.total_steps={STEPS}", *os.environ.get("HPT_TEST_TRAIN_OVERRIDES", "").split()]
+SHRUNK_TINY_CPU = (
+    "cluster.devices_per_node=1 data.synthetic.train=2000 data.synthetic.val=32 rollout.n=4 "
+    "trainer.prompts_per_step=16 trainer.mini_batch_prompts=16 trainer.eval_every=0 "
+    "trainer.eval_before_train=false logging.progress=false logging.tensorboard=false reward.num_workers=1"
+)
+
+
+def overrides_for(train_cmd: str) -> list[str]:
+    default = "" if train_cmd == FAKE_TRAINER else SHRUNK_TINY_CPU
+    return [f"trainer.total_steps={STEPS}", *os.environ.get("HPT_TEST_TRAIN_OVERRIDES", default).split()]
+
+
 # Wall-clock measurements differ between any two runs; everything else must match exactly.
 TIMING_PREFIXES = ("perf/", "time/", "timing/")
 
 
-def config_for(workdir: Path) -> str:
-    """The recipe: HPT_TEST_TRAIN_CONFIG (relative to the repo) or an empty one in the submit dir."""
+def config_for(workdir: Path, train_cmd: str) -> str:
+    """The recipe: HPT_TEST_TRAIN_CONFIG (relative to the repo), tiny_cpu for the real trainer, or an
+    empty one in the submit dir for the stand-in."""
     if "HPT_TEST_TRAIN_CONFIG" in os.environ:
         return str(ROOT / os.environ["HPT_TEST_TRAIN_CONFIG"])
+    if train_cmd != FAKE_TRAINER:
+        return str(ROOT / "configs" / "tiny_cpu.yaml")
     (workdir / "recipe.yaml").write_text("# empty recipe: the trainer's defaults\n")
     return "recipe.yaml"  # relative to the submit dir, as a user would write it
 
@@ -50,7 +69,7 @@ def submit_train(slurm, workdir: Path, step_seconds: float, train_cmd: str = TRA
     run_dir, log, ray_tmp = workdir / "run", workdir / "job.out", make_ray_tmpdir()
     env = job_env(run_dir, ray_tmp, HPT_TRAIN_CMD=train_cmd, HPT_FAKE_STEP_SECONDS=str(step_seconds))
     options = ["--nodes=1", f"--gres=gpu:{slurm.fake_gpus}", "--time=10", f"--output={log}"]
-    job = slurm.sbatch(SLURM_SCRIPTS / "train.sbatch", config_for(workdir), *OVERRIDES,
+    job = slurm.sbatch(SLURM_SCRIPTS / "train.sbatch", config_for(workdir, train_cmd), *overrides_for(train_cmd),
                        options=options, env=env, cwd=workdir)  # fmt: skip
     return job, run_dir, log, ray_tmp
 

@@ -121,6 +121,7 @@ def setup_run(cfg: Config):
     cluster = make_cluster(cfg)
     sink = MetricsLogger(run_dir, jsonl=cfg.logging.jsonl, tensorboard=cfg.logging.tensorboard)
     run = Run(cfg=cfg, run_dir=run_dir, data=data, verifier=verifier, cluster=cluster, sink=sink)
+    run.flops_shape, run.peak_flops = _flops_model(cfg)
     if resume_from is not None:
         meta = cluster.load(str(resume_from))
         data.sampler.load_state_dict(meta["sampler"])
@@ -128,6 +129,17 @@ def setup_run(cfg: Config):
         truncate_jsonl(run_dir / "metrics.jsonl", run.start_step)
         print(f"resumed from {resume_from} at step {run.start_step}", flush=True)
     return run
+
+
+def _flops_model(cfg: Config):
+    import torch
+
+    from hpt_megatron.models import arch_config_from_hf
+    from hpt_megatron.observability.flops import DecoderShape, peak_flops_for
+
+    shape = DecoderShape.from_arch(arch_config_from_hf(str(cfg.model.config_json())))
+    on_gpu = torch.cuda.is_available() and cfg.cluster.device != "cpu"
+    return shape, peak_flops_for(torch.cuda.get_device_name()) if on_gpu else None
 
 
 def _resume_path(cfg: Config, run_dir: Path, latest_checkpoint) -> Path | None:

@@ -49,6 +49,8 @@ class Run:
     bad_steps: int = 0
     stop_signal: str | None = None
     last_eval: dict = field(default_factory=dict)
+    flops_shape: object = None  # observability.flops.DecoderShape of the actor, for MFU
+    peak_flops: float | None = None  # per device; None where unknown (CPU)
 
     @property
     def total_steps(self) -> int:
@@ -141,6 +143,8 @@ def update(run: Run, step_batch, num_prompts: int, algo: AlgoConfig) -> dict:
             parts.append(out["metrics"])
             skipped.append(out["reason"] if out["skipped"] else "")
     metrics = {k: sum(p.get(k, 0.0) for p in parts) / len(parts) for k in parts[0]} if parts else {}
+    if parts:
+        metrics["perf/peak_memory_gib"] = max(p["perf/peak_memory_gib"] for p in parts)
     metrics["actor/updates"] = float(len(parts))
     metrics["actor/skipped_updates"] = float(sum(1 for s in skipped if s))
     metrics["actor/nonfinite_updates"] = float(sum(1 for s in skipped if s == "nonfinite"))
@@ -189,7 +193,24 @@ def train_step(run: Run, step: int) -> dict:
         timer.seconds["rollout"], 1e-9
     )
     metrics["perf/samples_per_s"] = len(items) / max(total, 1e-9)
+    if step_batch is not None and timer.seconds.get("update"):
+        metrics.update(actor_flops_metrics(run, step_batch.batch.lengths_B.tolist(), timer.seconds["update"]))
     return metrics
+
+
+def actor_flops_metrics(run: Run, row_lengths: list[int], seconds: float) -> dict:
+    """Achieved model TFLOP/s per device during the update stage, and MFU where the device's peak is
+    known (observability/flops.py has the formula)."""
+    from hpt_megatron.observability.flops import sequence_train_flops
+
+    if run.flops_shape is None:
+        return {}
+    flops = run.cfg.trainer.ppo_epochs * sum(sequence_train_flops(run.flops_shape, n) for n in row_lengths)
+    per_device = flops / seconds / run.cfg.cluster.world_size
+    out = {"perf/actor_tflops_per_device": per_device / 1e12}
+    if run.peak_flops:
+        out["perf/mfu"] = per_device / run.peak_flops
+    return out
 
 
 def step_metrics(routing, rewards, completions, plan) -> dict:

@@ -30,6 +30,19 @@ class DecoderShape:
     vocab: int
     head_dim: int | None = None
 
+    @classmethod
+    def from_arch(cls, arch) -> DecoderShape:
+        """From a ``models.ArchConfig``."""
+        return cls(
+            hidden=arch.hidden_size,
+            layers=arch.num_layers,
+            heads=arch.num_heads,
+            kv_heads=arch.num_kv_heads,
+            ffn=arch.ffn_hidden_size,
+            vocab=arch.vocab_size,
+            head_dim=arch.head_dim,
+        )
+
     @property
     def d(self) -> int:
         return self.head_dim or self.hidden // self.heads

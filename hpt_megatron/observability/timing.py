@@ -35,6 +35,23 @@ def nvtx_range(name: str, enabled: bool = True) -> Iterator[None]:
             torch.cuda.nvtx.range_pop()
 
 
+def reset_peak_memory() -> None:
+    """Start a new peak-memory window (CUDA only: a process's peak RSS cannot be reset)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_gib(device: torch.device | str = "cpu") -> float:
+    """Peak memory in GiB: CUDA bytes allocated since ``reset_peak_memory`` on a GPU, else the
+    process's peak resident set size since it started."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
 class StageTimer:
     def __init__(self, nvtx: bool = True, sync_cuda: bool = False):
         self.nvtx = nvtx

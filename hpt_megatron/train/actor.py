@@ -24,6 +24,7 @@ from hpt_megatron.algo import AlgoConfig, Counts, LossInputs, merge_metrics, upg
 from hpt_megatron.algo.loss import rollout_mismatch
 from hpt_megatron.config import OptimConfig
 from hpt_megatron.models import ArchConfig, build_gpt_model
+from hpt_megatron.observability.timing import nvtx_range, peak_memory_gib, reset_peak_memory
 from hpt_megatron.train.batching import (
     TrainBatch,
     micro_batches,
@@ -107,6 +108,10 @@ class MegatronActor:
         ]
 
     def _forward(self, model, mb: MicroBatch):
+        with nvtx_range("actor/forward"):
+            return self._forward_impl(model, mb)
+
+    def _forward_impl(self, model, mb: MicroBatch):
         b = mb.batch
         if mb.packed:
             p = pack(b)
@@ -182,7 +187,8 @@ class MegatronActor:
 
             return out, loss_func
 
-        outs = self._run(mbs, forward_step, forward_only=True)
+        with nvtx_range("actor/logprob_pass"):
+            outs = self._run(mbs, forward_step, forward_only=True)
         if not self.reports:
             return None
         return _assemble(outs, batch.loss_mask_BT.shape[1])
@@ -194,6 +200,7 @@ class MegatronActor:
         global grad norm, skip-or-clip, AdamW. Returns metrics on reporting ranks (additive
         over data-parallel groups) plus the step result on every rank."""
         self.ddp.train()
+        reset_peak_memory()
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         mbs = self._micro_batches(batch)
@@ -203,10 +210,13 @@ class MegatronActor:
             mb = next(data_iterator)
             return self._forward(model, mb), functools.partial(loss_func, mb)
 
-        outs = self._run(mbs, forward_step, forward_only=False)
-        step: StepResult = optimizer_step(
-            self.optimizer, self.scheduler, self.optim_cfg.grad_clip, self.optim_cfg.skip_grad_norm_above
-        )
+        # backward runs inside the schedule: its time is forward_backward minus the forward ranges
+        with nvtx_range("actor/forward_backward"):
+            outs = self._run(mbs, forward_step, forward_only=False)
+        with nvtx_range("actor/optimizer"):
+            step: StepResult = optimizer_step(
+                self.optimizer, self.scheduler, self.optim_cfg.grad_clip, self.optim_cfg.skip_grad_norm_above
+            )
         metrics = merge_metrics(outs) if self.reports else {}
         return {
             "metrics": metrics,
@@ -214,9 +224,14 @@ class MegatronActor:
             "skipped": step.skipped,
             "reason": step.reason,
             "lr": step.lr,
+            "peak_memory_gib": peak_memory_gib(self.ctx.device),
         }
 
     def _loss(self, mb: MicroBatch, logits: Tensor, algo: AlgoConfig, counts: Counts):
+        with nvtx_range("actor/loss"):
+            return self._loss_impl(mb, logits, algo, counts)
+
+    def _loss_impl(self, mb: MicroBatch, logits: Tensor, algo: AlgoConfig, counts: Counts):
         b = mb.batch
         logp, ent = self._logprobs(logits, mb, algo.needs_entropy or self.opts.log_entropy)
         dtype = logp.dtype

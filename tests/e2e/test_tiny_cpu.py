@@ -39,8 +39,14 @@ def test_a_short_run_learns_and_exports_a_working_model(reference):
         "perf/time/rollout",
         "perf/time/update",
         "perf/weight_sync_s",
+        "perf/weight_sync_bytes",
+        "perf/actor_tflops_per_device",
+        "perf/peak_memory_gib",
+        "perf/generated_tokens_per_s",
+        "perf/samples_per_s",
     ):
         assert key in last, key
+    assert last["perf/actor_tflops_per_device"] > 0 and last["perf/peak_memory_gib"] > 0
 
     # outputs: Megatron checkpoint, Hugging Face model, plots, summary
     assert (reference / "checkpoints" / "step_00000006" / "meta.json").is_file()

@@ -28,6 +28,42 @@ def test_flops_llama3_8b_by_hand():
     assert mfu(LLAMA3_8B, [2048] * 8, 1.0, 989e12) == pytest.approx(8 * 3 * 2048 * per_token / 989e12)
 
 
+def test_trainer_flops_metrics_per_device(tmp_path):
+    """The trainer's MFU: training FLOPs of the rows it updated on, per device, over the update time."""
+    import json
+    from types import SimpleNamespace
+
+    from hpt_megatron.models import arch_config_from_hf
+    from hpt_megatron.trainer import actor_flops_metrics
+
+    hf = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "intermediate_size": 14336, "vocab_size": 128256, "max_position_embeddings": 8192,
+        "rope_theta": 500000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+    }  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    shape = DecoderShape.from_arch(arch_config_from_hf(str(tmp_path / "config.json")))
+    assert shape == DecoderShape(**{**vars(LLAMA3_8B), "head_dim": 128})
+    cfg = SimpleNamespace(trainer=SimpleNamespace(ppo_epochs=2), cluster=SimpleNamespace(world_size=8))
+    run = SimpleNamespace(cfg=cfg, flops_shape=shape, peak_flops=989e12)
+    per_token = 15_546_187_776 + 32 * 4 * 32 * 128 * 0.5  # as in the test above, c = 1024.5
+    # 8 rows of 2048 tokens, 2 epochs, 2 s, 8 devices: each device did 2 epochs of one row per 2 s
+    m = actor_flops_metrics(run, [2048] * 8, 2.0)
+    assert m["perf/actor_tflops_per_device"] == pytest.approx(3 * 2048 * per_token / 1e12)
+    assert m["perf/mfu"] == pytest.approx(3 * 2048 * per_token / 989e12)
+    assert "perf/mfu" not in actor_flops_metrics(SimpleNamespace(**{**vars(run), "peak_flops": None}), [8], 1.0)
+
+
+def test_peak_memory_on_cpu_is_the_process_rss():
+    from hpt_megatron.observability.timing import peak_memory_gib
+
+    before = peak_memory_gib("cpu")
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    after = peak_memory_gib("cpu")
+    assert after >= before and after * 2**30 >= block.numel() * 4
+
+
 def test_head_dim_override():
     shape = DecoderShape(hidden=64, layers=1, heads=4, kv_heads=2, ffn=128, vocab=10, head_dim=32)
     # q 2*64*128, kv 4*64*64, o 2*128*64, attn 4*4*32*1, mlp 6*64*128, head 2*64*10

@@ -29,7 +29,7 @@ import torch
 from hpt_megatron.algo import AlgoConfig, Source, count_rows, plan_rows
 from hpt_megatron.config import Config
 from hpt_megatron.observability.metrics import MetricsLogger, print_rank0
-from hpt_megatron.observability.timing import ProfileWindow, StageTimer
+from hpt_megatron.observability.timing import StageTimer
 from hpt_megatron.rollout import SamplingParams
 from hpt_megatron.train.step_batch import build_step_batch, mini_batches
 
@@ -312,9 +312,7 @@ def fit(run: Run) -> int:
     from tqdm import tqdm
 
     cfg = run.cfg
-    window = ProfileWindow(
-        cfg.profile.steps, 0, cfg.profile.ranks, cfg.profile.torch_profiler, str(run.run_dir / "profile")
-    )
+    window = tuple(cfg.profile.steps) if cfg.profile.steps else ()
     bar = tqdm(
         total=run.total_steps,
         initial=run.start_step,
@@ -326,9 +324,12 @@ def fit(run: Run) -> int:
         run.last_eval = evaluate(run, 0)
         run.sink.log(0, run.last_eval)
     for step in range(run.start_step, run.total_steps):
-        window.step_begin(step)
+        if window and step == window[0]:
+            run.cluster.profile_begin(step)  # each profiled rank starts its own window
         metrics = train_step(run, step)
-        window.step_end(step)
+        if window and step == window[1]:
+            for trace in run.cluster.profile_end(step):
+                print_rank0(f"profiler trace: {trace}")
         run.bad_steps = run.bad_steps + 1 if metrics.get("actor/nonfinite_updates", 0) else 0
         done = step + 1
         if cfg.trainer.eval_every and (done % cfg.trainer.eval_every == 0 or done == run.total_steps):

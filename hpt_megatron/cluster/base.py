@@ -76,6 +76,14 @@ class Cluster:
     def sync_weights(self) -> dict[str, float]:
         return self._call_all("sync_weights")[0]
 
+    def profile_begin(self, step: int) -> None:
+        """Open the profiling window (profile.steps) on the profiled ranks; no-op elsewhere."""
+        self._call_all("profile_begin", step)
+
+    def profile_end(self, step: int) -> list[str]:
+        """Close it; returns the torch.profiler traces written."""
+        return [p for p in self._call_all("profile_end", step) if p]
+
     def sleep_engines(self) -> None:
         self._call_all("sleep_engine")
 

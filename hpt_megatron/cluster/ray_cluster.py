@@ -67,6 +67,27 @@ def _use_gpus(cfg) -> bool:
     return cfg.cluster.device == "cuda"
 
 
+def nsight_runtime_env(cfg, rank: int, run_dir: Path) -> dict | None:
+    """Run a profiled rank's worker under ``nsys profile`` (Ray's nsight runtime env) with capture
+    limited to the cudaProfilerStart/Stop window the worker opens at ``profile.steps``. Reports go to
+    ``<run dir>/nsys/worker_<rank>.nsys-rep``; NSYS_ARGS-style extra flags are not needed here, the
+    trace set covers CUDA, NVTX (our stage ranges), cuBLAS/cuDNN and OS runtime calls."""
+    p = cfg.profile
+    if p.steps is None or p.torch_profiler or rank not in p.ranks:
+        return None
+    out = run_dir / "nsys"
+    out.mkdir(parents=True, exist_ok=True)
+    return {
+        "nsight": {
+            "t": "cuda,nvtx,osrt,cublas,cudnn",
+            "capture-range": "cudaProfilerApi",
+            "capture-range-end": "stop",
+            "o": str(out / f"worker_{rank}"),
+            "force-overwrite": "true",
+        }
+    }
+
+
 class RayCluster(Cluster):
     def __init__(self, cfg, run_dir: str | Path | None = None):
         self.world_size = cfg.cluster.world_size
@@ -92,6 +113,7 @@ class RayCluster(Cluster):
                 num_gpus=1 if gpus else 0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r),
                 max_concurrency=1,
+                runtime_env=nsight_runtime_env(cfg, r, self.log_dir.parent) if gpus else None,
             ).remote(cfg, r, self.world_size, master_addr, master_port, str(self.log_path(r)), threads)
             for r in range(self.world_size)
         ]

@@ -74,6 +74,11 @@ class PolicyWorker:
         self.tokenizer = load_tokenizer(cfg)
         self.engine = self._make_engine()
         self.sync_weights()
+        from hpt_megatron.observability.timing import ProfileWindow
+
+        p = cfg.profile
+        trace_dir = Path(cfg.trainer.output_dir) / "profile" / f"rank_{rank}"
+        self.profile_window = ProfileWindow(p.steps, rank, p.ranks, p.torch_profiler, str(trace_dir))
 
     # ---- setup ---------------------------------------------------------------------------------------
 
@@ -148,6 +153,13 @@ class PolicyWorker:
             "perf/weight_sync_s": time.perf_counter() - start,
             "perf/weight_sync_bytes": float(manifest.total_bytes),
         }
+
+    def profile_begin(self, step: int) -> None:
+        self.profile_window.step_begin(step)
+
+    def profile_end(self, step: int) -> str | None:
+        path = self.profile_window.step_end(step)
+        return None if path is None else str(path)
 
     def sleep_engine(self) -> None:
         self.engine.sleep()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -17,7 +18,8 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("ref")
-    proc = hpt_train(run_dir, 6)
+    # also profiles steps 2..3 with torch.profiler (the CPU stand-in for the nsys window)
+    proc = hpt_train(run_dir, 6, "profile.steps=[2,3]", "profile.torch_profiler=true")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir
 
@@ -47,6 +49,12 @@ def test_a_short_run_learns_and_exports_a_working_model(reference):
     ):
         assert key in last, key
     assert last["perf/actor_tflops_per_device"] > 0 and last["perf/peak_memory_gib"] > 0
+
+    # the profiled window's trace, written by the worker, holds the actor's stage ranges
+    trace = reference / "profile" / "rank_0" / "trace_steps2-3.json"
+    assert trace.is_file()
+    events = {e.get("name") for e in json.loads(trace.read_text())["traceEvents"]}
+    assert {"actor/forward", "actor/forward_backward", "actor/optimizer"} <= events
 
     # outputs: Megatron checkpoint, Hugging Face model, plots, summary
     assert (reference / "checkpoints" / "step_00000006" / "meta.json").is_file()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,7 +53,9 @@ def test_trainer_flops_metrics_per_device(tmp_path):
     m = actor_flops_metrics(run, [2048] * 8, 2.0)
     assert m["perf/actor_tflops_per_device"] == pytest.approx(3 * 2048 * per_token / 1e12)
     assert m["perf/mfu"] == pytest.approx(3 * 2048 * per_token / 989e12)
-    assert "perf/mfu" not in actor_flops_metrics(SimpleNamespace(**{**vars(run), "peak_flops": None}), [8], 1.0)
+    assert "perf/mfu" not in actor_flops_metrics(
+        SimpleNamespace(**{**vars(run), "peak_flops": None}), [8], 1.0
+    )
 
 
 def test_peak_memory_on_cpu_is_the_process_rss():
@@ -117,3 +120,21 @@ def test_plot(tmp_path):
     path = plot_metrics(records, tmp_path / "curves.png")
     assert path is not None and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plot_metrics([{"step": 1}], tmp_path / "none.png") is None
+
+
+def test_nsight_runtime_env_only_for_profiled_ranks(tmp_path):
+    from hpt_megatron.cluster.ray_cluster import nsight_runtime_env
+    from hpt_megatron.config import load_config
+
+    tiny = Path(__file__).resolve().parents[2] / "configs" / "tiny_cpu.yaml"
+    cfg = load_config(tiny, ["profile.steps=[3,4]", "profile.ranks=[1]"])
+    env = nsight_runtime_env(cfg, 1, tmp_path)["nsight"]
+    # capture only between the worker's cudaProfilerStart/Stop, into the run directory
+    assert env["capture-range"] == "cudaProfilerApi" and env["capture-range-end"] == "stop"
+    assert env["o"] == str(tmp_path / "nsys" / "worker_1") and "nvtx" in env["t"].split(",")
+    assert nsight_runtime_env(cfg, 0, tmp_path) is None  # not a profiled rank
+    assert nsight_runtime_env(load_config(tiny, ["profile.ranks=[1]"]), 1, tmp_path) is None  # no window
+    torch_prof = load_config(
+        tiny, ["profile.steps=[3,4]", "profile.ranks=[1]", "profile.torch_profiler=true"]
+    )
+    assert nsight_runtime_env(torch_prof, 1, tmp_path) is None  # torch.profiler instead of nsys

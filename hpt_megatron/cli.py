@@ -152,7 +152,8 @@ def dry_run(cfg, recipe: str, gpu_mem_gb: float, as_json: bool) -> int:
     """Print the plan; exit 1 when it does not fit, so CI can run every recipe through it."""
     import json
 
-    from hpt_megatron.plan import make_plan, render_text
+    from hpt_megatron.plan import make_plan
+    from hpt_megatron.plan_text import render_text
 
     plan = make_plan(cfg, gpu_mem_gb, recipe)
     print(json.dumps(plan.to_dict(), indent=1) if as_json else render_text(plan, cfg))

@@ -208,7 +208,8 @@ def teardown(run) -> None:
 def describe_plan(cfg: Config, gpu_mem_gb: float = 80.0, as_json: bool = False, recipe: str = "") -> str:
     """The --dry-run report: layout, parameters and the per-GPU memory estimate
     (see :mod:`hpt_megatron.plan`), as text or JSON."""
-    from hpt_megatron.plan import make_plan, render_text
+    from hpt_megatron.plan import make_plan
+    from hpt_megatron.plan_text import render_text
 
     plan = make_plan(cfg, gpu_mem_gb, recipe)
     return json.dumps(plan.to_dict(), indent=1) if as_json else render_text(plan, cfg)

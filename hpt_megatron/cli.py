@@ -98,6 +98,10 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dry-run", action="store_true", help="validate the recipe and print the plan; no training"
     )
+    p.add_argument(
+        "--gpu-mem-gb", type=float, default=80.0, help="with --dry-run: memory of one GPU in GiB (default 80)"
+    )
+    p.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
     p.add_argument("--resume", default=None, help="'auto' (latest checkpoint in the run directory) or a path")
     return p
 
@@ -138,8 +142,22 @@ def train_main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return 0
+    if args.dry_run:
+        return dry_run(cfg, args.config, args.gpu_mem_gb, args.json)
     trainer = _optional_module("hpt_megatron.trainer", "hpt-train", "the training loop")
     return 3 if trainer is None else trainer.main(cfg, dry_run=args.dry_run)
+
+
+def dry_run(cfg, recipe: str, gpu_mem_gb: float, as_json: bool) -> int:
+    """Print the plan; exit 1 when it does not fit, so CI can run every recipe through it."""
+    import json
+
+    from hpt_megatron.plan import make_plan
+    from hpt_megatron.plan_text import render_text
+
+    plan = make_plan(cfg, gpu_mem_gb, recipe)
+    print(json.dumps(plan.to_dict(), indent=1) if as_json else render_text(plan, cfg))
+    return 0 if plan.fits else 1
 
 
 def _optional_module(name: str, prog: str, what: str):

@@ -31,7 +31,7 @@ from hpt_megatron.config_io import (
     set_dotted,
     to_plain,
 )
-from hpt_megatron.models.arch import arch_config_from_hf, check_parallel_layout
+from hpt_megatron.models.arch import ArchConfig, arch_config_from_hf, check_parallel_layout, load_hf_config
 
 QWEN_MATH_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -47,7 +47,10 @@ def paths_field() -> Any:
 @dataclass
 class ModelConfig:
     path: str = path_field()  # Hugging Face checkpoint to start from (weights, config.json, tokenizer)
-    hf_config: str = path_field()  # config.json for a randomly initialised model (when no path)
+    # config.json for a randomly initialised model (when no path), or the shape used to validate and
+    # plan a recipe whose ``path`` is not downloaded yet
+    hf_config: str = path_field()
+    hub_id: str = ""  # Hugging Face hub name of ``path`` (named in the "download it" error)
     tokenizer: str = path_field()  # tokenizer directory; defaults to ``path``
     megatron_checkpoint: str = path_field()  # start from a Megatron-format checkpoint instead
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
@@ -61,9 +64,27 @@ class ModelConfig:
     recompute_activations: bool = False
 
     def config_json(self) -> Path | None:
-        if self.path:
-            return Path(self.path) / "config.json"
+        """The checkpoint's config.json when it is on disk, else ``hf_config``: a recipe validates
+        and dry-runs before its weights are downloaded (training itself still needs ``path``)."""
+        checkpoint = Path(self.path) / "config.json" if self.path else None
+        if checkpoint is not None and (checkpoint.is_file() or not self.hf_config):
+            return checkpoint
         return Path(self.hf_config) if self.hf_config else None
+
+    def arch(self) -> ArchConfig:
+        """The architecture the actor builds: ``config_json()`` with ``rope_theta`` and
+        ``max_position_embeddings`` overridden when set (Qwen2.5-Math-7B is trained with 40000 and
+        16384, as in LUFFY); the overrides also reach the exported config.json."""
+        path = self.config_json()
+        assert path is not None, "validate_config checks that model.path or model.hf_config is set"
+        hf, label = load_hf_config(path)
+        if self.rope_theta is not None:
+            hf["rope_theta"] = self.rope_theta
+            if isinstance(hf.get("rope_parameters"), dict):
+                hf["rope_parameters"] = {**hf["rope_parameters"], "rope_theta": self.rope_theta}
+        if self.max_position_embeddings is not None:
+            hf["max_position_embeddings"] = self.max_position_embeddings
+        return arch_config_from_hf(hf, label=label)
 
 
 @dataclass
@@ -411,11 +432,11 @@ def _validate_model(cfg: Config) -> None:
         raise ConfigError(
             "model.path or model.hf_config must be set (a Hugging Face checkpoint or its config.json)"
         )
-    key = "model.path" if cfg.model.path else "model.hf_config"
+    key = "model.hf_config" if cfg.model.hf_config and path == Path(cfg.model.hf_config) else "model.path"
     if not path.is_file():
         raise ConfigError(f"{key}: {str(path)!r} does not exist")
     try:
-        arch = arch_config_from_hf(path)
+        arch = cfg.model.arch()
     except ValueError as e:
         raise ConfigError(f"{key}: {e}") from None
     try:

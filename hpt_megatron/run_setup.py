@@ -96,11 +96,25 @@ def prepare_run_dir(cfg: Config) -> Path:
     return run_dir
 
 
+def require_checkpoint(cfg: Config) -> None:
+    """A run that starts from ``model.path`` needs the checkpoint on disk (validation and the dry
+    run fall back to ``model.hf_config``; training cannot)."""
+    from hpt_megatron.plan import download_hint
+
+    path = cfg.model.path
+    if path and not (Path(path) / "config.json").is_file():
+        raise ValueError(
+            f"model.path={path!r} holds no Hugging Face checkpoint (no config.json): download it with "
+            f"`{download_hint(cfg)}`, or set model.path to your copy"
+        )
+
+
 def setup_run(cfg: Config):
     from hpt_megatron.cluster.base import make_cluster
     from hpt_megatron.reward import GradeConfig, Verifier
     from hpt_megatron.trainer import Run, latest_checkpoint
 
+    require_checkpoint(cfg)
     run_dir = prepare_run_dir(cfg)
     cfg = materialize_synthetic(cfg, run_dir)
     resume_from = _resume_path(cfg, run_dir, latest_checkpoint)
@@ -203,21 +217,11 @@ def teardown(run) -> None:
     run.cluster.shutdown()
 
 
-def describe_plan(cfg: Config) -> str:
-    """The --dry-run report: the layout and what each rank holds."""
-    from hpt_megatron.models import arch_config_from_hf
+def describe_plan(cfg: Config, gpu_mem_gb: float = 80.0, as_json: bool = False, recipe: str = "") -> str:
+    """The --dry-run report: layout, parameters and the per-GPU memory estimate
+    (see :mod:`hpt_megatron.plan`), as text or JSON."""
+    from hpt_megatron.plan import make_plan
+    from hpt_megatron.plan_text import render_text
 
-    arch = arch_config_from_hf(str(cfg.model.config_json()))
-    return json.dumps(
-        {
-            "model": str(cfg.model.config_json()),
-            "layers": arch.num_layers,
-            "hidden": arch.hidden_size,
-            "world_size": cfg.cluster.world_size,
-            "tp": cfg.parallel.tp,
-            "pp": cfg.parallel.pp,
-            "dp": cfg.dp,
-            "algorithm": cfg.algo.preset,
-        },
-        indent=1,
-    )
+    plan = make_plan(cfg, gpu_mem_gb, recipe)
+    return json.dumps(plan.to_dict(), indent=1) if as_json else render_text(plan, cfg)

@@ -49,13 +49,13 @@ class PolicyWorker:
         if threads:
             torch.set_num_threads(threads)
         from hpt_megatron.distributed import init_parallel
-        from hpt_megatron.models import FP8Options, arch_config_from_hf
+        from hpt_megatron.models import FP8Options
         from hpt_megatron.train.actor import ActorOptions, MegatronActor
 
         self.cfg = cfg
         torch.manual_seed(cfg.trainer.seed)  # random initialisation is reproducible run to run
         self.ctx = init_parallel(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.trainer.seed)
-        self.arch = arch_config_from_hf(str(cfg.model.config_json()))
+        self.arch = cfg.model.arch()  # config.json with model.rope_theta / max_position_embeddings
         fp8 = FP8Options(
             cfg.model.fp8, cfg.model.fp8_recipe, cfg.model.fp8_param, cfg.model.first_last_layers_bf16
         )

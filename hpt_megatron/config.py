@@ -424,6 +424,12 @@ def _validate_layout(cfg: Config) -> None:
         )
     if cfg.parallel.sequence_parallel and tp == 1:
         raise ConfigError("parallel.sequence_parallel needs parallel.tp > 1")
+    if cfg.parallel.sequence_parallel and cfg.model.layer_spec in ("local", "sdpa"):
+        raise ConfigError(
+            f"parallel.sequence_parallel needs Transformer Engine layers, but model.layer_spec="
+            f"{cfg.model.layer_spec!r} uses Megatron's torch norms, which cannot split the sequence; "
+            "set model.layer_spec=te (or auto with Transformer Engine installed)"
+        )
 
 
 def _validate_model(cfg: Config) -> None:

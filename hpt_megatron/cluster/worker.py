@@ -65,6 +65,8 @@ class PolicyWorker:
             fp8=fp8 if cfg.model.fp8 else None,
             micro_batch_tokens=cfg.trainer.micro_batch_tokens,
             temperature=cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0,
+            recompute=cfg.model.recompute_activations,
+            sequence_parallel=cfg.parallel.sequence_parallel,
         )
         total = sum(p.steps for p in cfg.trainer.phases) or cfg.trainer.total_steps
         self.actor = MegatronActor(

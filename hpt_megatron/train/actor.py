@@ -53,6 +53,8 @@ class ActorOptions:
     temperature: float = 1.0  # sampling temperature: log-probs are of logits / temperature
     logprob_chunk: int | None = None  # tokens per chunk; default: ~256 MiB of fp32 logits per chunk
     log_entropy: bool = True  # compute the policy entropy every step even when the loss does not use it
+    recompute: bool = False  # full activation recomputation, one layer at a time (memory for compute)
+    sequence_parallel: bool = False  # split norms/dropout activations along the sequence over TP ranks
 
 
 def _finalize_without_token_scaling(model, num_tokens=None, **kwargs):
@@ -69,6 +71,17 @@ class MegatronActor:
 
         self.arch, self.ctx, self.opts = arch, ctx, options
         overrides = {"calculate_per_token_loss": True}
+        if options.recompute:
+            overrides.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+        if options.sequence_parallel:
+            from hpt_megatron.models.specs import resolve_spec_name
+
+            if resolve_spec_name(options.spec) != "te":
+                raise ValueError(
+                    "parallel.sequence_parallel needs Transformer Engine layers (Megatron's torch norms "
+                    "cannot split the sequence): install the gpu extra or turn sequence_parallel off"
+                )
+            overrides["sequence_parallel"] = True
         if ctx.pp_size > 1:
             # micro-batches have different lengths, so stages exchange shapes first; Megatron's config
             # check for this also covers the MoE dispatcher, unused by dense models

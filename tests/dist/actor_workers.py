@@ -58,10 +58,12 @@ def _gather_logprobs(report: dict | None, batch: TrainBatch) -> torch.Tensor:
     return out
 
 
-def _actor(root: str, kind: str, tp: int, pp: int, packed: bool = False, budget: int = 40) -> MegatronActor:
+def _actor(
+    root: str, kind: str, tp: int, pp: int, packed: bool = False, budget: int = 40, **options
+) -> MegatronActor:
     ctx = init_parallel(tp, pp)
     arch = arch_config_from_hf(Path(root) / kind)
-    opts = ActorOptions(spec="local", micro_batch_tokens=budget, packed=packed)
+    opts = ActorOptions(spec="local", micro_batch_tokens=budget, packed=packed, **options)
     return MegatronActor(arch, ctx, OPTIM, total_steps=10, options=opts)
 
 
@@ -88,11 +90,18 @@ def _hf_weights(actor: MegatronActor) -> dict | None:
 
 
 def train_worker(
-    root: str, kinds: tuple[str, ...], tp: int, pp: int, steps: int, packed: bool = False, budget: int = 40
+    root: str,
+    kinds: tuple[str, ...],
+    tp: int,
+    pp: int,
+    steps: int,
+    packed: bool = False,
+    budget: int = 40,
+    options: dict | None = None,
 ) -> dict:
     out = {}
     for kind in kinds:
-        actor = _actor(root, kind, tp, pp, packed, budget)
+        actor = _actor(root, kind, tp, pp, packed, budget, **(options or {}))
         load_model(Path(root) / f"{kind}-mg", actor.model, actor.ctx, actor.arch)
         batch = hpt_batch()
         out[kind] = {"history": _train(actor, batch, steps), "weights": _hf_weights(actor)}
@@ -106,7 +115,11 @@ def logprob_worker(root: str, kind: str, tp: int, pp: int, packed: bool) -> dict
     report = actor.compute_logprobs(batch, with_entropy=True)
     reports = [None] * dist.get_world_size()
     dist.all_gather_object(reports, report)
-    return {"reports": [r for r in reports if r is not None], "tokens": batch.tokens_BL, "mask": batch.loss_mask_BT}
+    return {
+        "reports": [r for r in reports if r is not None],
+        "tokens": batch.tokens_BL,
+        "mask": batch.loss_mask_BT,
+    }
 
 
 def save_worker(root: str, kind: str, tp: int, pp: int, ckpt: str) -> dict:

@@ -48,7 +48,9 @@ def hf_step_oracle(root: Path, kind: str) -> tuple[float, float]:
 
     from hpt_megatron.algo import LossInputs, count_rows, get_preset, upge_loss
 
-    model = AutoModelForCausalLM.from_pretrained(root / kind, dtype=torch.float32, attn_implementation="eager")
+    model = AutoModelForCausalLM.from_pretrained(
+        root / kind, dtype=torch.float32, attn_implementation="eager"
+    )
     batch = W.hpt_batch()
     logp = torch.zeros_like(batch.loss_mask_BT)
     for i, n in enumerate(batch.lengths_B.tolist()):
@@ -83,7 +85,11 @@ def assert_same_training(got: dict, ref: dict) -> None:
         for step, (g, r) in enumerate(zip(got[kind]["history"], ref[kind]["history"])):
             assert not g["skipped"] and not r["skipped"]
             for key in ("loss/total", "loss/rl", "loss/sft", "actor/entropy"):
-                assert g["metrics"][key] == pytest.approx(r["metrics"][key], rel=1e-5, abs=1e-7), (kind, step, key)
+                assert g["metrics"][key] == pytest.approx(r["metrics"][key], rel=1e-5, abs=1e-7), (
+                    kind,
+                    step,
+                    key,
+                )
             assert g["grad_norm"] == pytest.approx(r["grad_norm"], rel=1e-5), (kind, step)
         gw, rw = got[kind]["weights"], ref[kind]["weights"]
         assert gw.keys() == rw.keys()
@@ -107,10 +113,21 @@ def test_layouts_train_identically(root, reference, tp, pp, world):
     assert_same_training(got, reference)
 
 
+@pytest.mark.parametrize(("tp", "pp"), [(1, 2), (2, 1)], ids=["pp2", "tp2"])
+def test_activation_recompute_trains_identically(root, reference, tp, pp):
+    """Recomputation changes what is stored, not what is computed. (Sequence parallelism needs
+    Transformer Engine norms, so it has no CPU test; its config check is in test_config.)"""
+    options = {"recompute": True}
+    got = launch(W.train_worker, tp * pp, args=(str(root), KINDS, tp, pp, STEPS, False, 40, options))[0]
+    assert_same_training(got, reference)
+
+
 def hf_logprobs(root: Path, kind: str, tokens: torch.Tensor) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(root / kind, dtype=torch.float32, attn_implementation="eager")
+    model = AutoModelForCausalLM.from_pretrained(
+        root / kind, dtype=torch.float32, attn_implementation="eager"
+    )
     with torch.no_grad():
         logits = model(tokens).logits
     return torch.log_softmax(logits[:, :-1], -1).gather(-1, tokens[:, 1:, None]).squeeze(-1)

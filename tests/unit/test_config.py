@@ -205,6 +205,12 @@ def test_impossible_combinations(recipe):
         f"{path}: algo.terms.sft.advantage is 'grpo', but SFT rows carry no reward; "
         "use advantage {name: constant} for a term that covers source 'sft'"
     )
+    sp = ["parallel.tp=2", "cluster.devices_per_node=2", "parallel.sequence_parallel=true"]
+    assert error_of(path, [*sp, "model.layer_spec=local"]) == (
+        f"{path}: parallel.sequence_parallel needs Transformer Engine layers, but model.layer_spec='local' "
+        "uses Megatron's torch norms, which cannot split the sequence; set model.layer_spec=te (or auto with "
+        "Transformer Engine installed)"
+    )
 
 
 def test_unsupported_architecture(recipe, tmp_path):

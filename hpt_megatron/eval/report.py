@@ -116,12 +116,15 @@ def plot_pass_at_k(sources: Sequence[SourceMetrics], path: Path) -> Path | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for s in curves:
         ks = sorted(s.curve)
         ax.plot(ks, [100 * s.curve[k] for k in ks], marker="o", label=s.data_source)
     ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.StrMethodFormatter("{x:.0f}"))  # 1, 2, 4, not 2^0, 2^1
+    ax.set_ylim(0, 100)
     ax.set_xlabel("k")
     ax.set_ylabel("pass@k (%)")
     ax.grid(alpha=0.3)

@@ -96,9 +96,15 @@ def load_problems(files: Sequence[str | Path], limit: int | None = None) -> list
     return out
 
 
+# The paper's column order (in-distribution math, then out-of-distribution); other sources follow.
+PAPER_ORDER = ("aime", "aime25", "amc", "math", "minerva", "olympiad_bench", "arc_c", "gpqa")
+
+
 def data_sources(problems: Sequence[Problem]) -> list[str]:
-    """Data sources in order of first appearance."""
-    return list(dict.fromkeys(p.data_source for p in problems))
+    """Data sources in the paper's column order, unknown ones after them in order of first appearance."""
+    seen = list(dict.fromkeys(p.data_source for p in problems))
+    rank = {source: i for i, source in enumerate(PAPER_ORDER)}
+    return sorted(seen, key=lambda s: (rank.get(s, len(rank)), seen.index(s)))
 
 
 @dataclass
@@ -172,7 +178,7 @@ def grade_all(
 def summarize(
     problems: Sequence[Problem], grades: Sequence[Sequence[ScoreResult]], pass_k: Sequence[int]
 ) -> list[SourceMetrics]:
-    """Per-source metrics, sources in order of first appearance."""
+    """Per-source metrics, sources in the order of ``data_sources``."""
     out = []
     for source in data_sources(problems):
         picked = [i for i, p in enumerate(problems) if p.data_source == source]

@@ -156,3 +156,13 @@ def test_settings_reject_nonsense_before_any_work():
             EvalSettings(**bad)
     with pytest.raises(ValueError, match="top_p"):
         EvalSettings(top_p=1.5)
+
+
+def test_sources_come_in_the_papers_column_order_then_file_order():
+    from hpt_megatron.data.schema import Example, Message
+    from hpt_megatron.eval.metrics import group_problems
+    from hpt_megatron.eval.runner import data_sources
+
+    order = ["zeta", "gpqa", "math", "aime25", "alpha", "aime", "math"]
+    examples = [Example(str(i), s, (Message("user", f"q{i}"),), None, "1") for i, s in enumerate(order)]
+    assert data_sources(group_problems(examples)) == ["aime", "aime25", "math", "gpqa", "zeta", "alpha"]

@@ -63,16 +63,22 @@ def test_a_short_run_learns_and_exports_a_working_model(reference):
         "held-out" in (reference / "summary.txt").read_text()
         or "rollout acc" in (reference / "summary.txt").read_text()
     )
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
+    # the synthetic task's tokenizer is not Qwen2's: load the exported file as saved (AutoTokenizer
+    # would pick Qwen2Tokenizer from config.json), and it must encode exactly like training did
     model = AutoModelForCausalLM.from_pretrained(reference / "hf")
-    tok = AutoTokenizer.from_pretrained(reference / "hf")
-    ids = tok.apply_chat_template(
-        [{"role": "user", "content": "Tom has 3 apples. How many apples does Tom have now?"}],
-        add_generation_prompt=True,
-        return_tensors="pt",
-        return_dict=True,
-    )["input_ids"]
+    tok = PreTrainedTokenizerFast.from_pretrained(reference / "hf")
+    trained = PreTrainedTokenizerFast.from_pretrained(reference / "tokenizer")
+    messages = [{"role": "user", "content": "Tom has 3 apples. How many apples does Tom have now?"}]
+
+    def encode(t):
+        return t.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+
+    ids = encode(tok)["input_ids"]
+    assert ids.tolist() == encode(trained)["input_ids"].tolist()
     out = model.generate(ids, max_new_tokens=8, do_sample=False)
     assert out.shape[1] > ids.shape[1]
 

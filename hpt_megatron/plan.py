@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from hpt_megatron.config import Config
-from hpt_megatron.models.arch import ArchConfig, arch_config_from_hf, check_parallel_layout
+from hpt_megatron.models.arch import ArchConfig, check_parallel_layout
 
 GIB = 2**30
 RESERVE_GIB = 4.0
@@ -477,15 +477,6 @@ def plan_warnings(cfg: Config, arch: ArchConfig) -> list[str]:
             f"data.max_prompt_len + data.max_response_len = {longest_row(cfg)} exceeds the model's context "
             f"{arch.max_position_embeddings}; set model.max_position_embeddings (and model.rope_theta)"
         )
-    if cfg.rollout.engine == "vllm" and cfg.model.path and (Path(cfg.model.path) / "config.json").is_file():
-        raw = arch_config_from_hf(str(cfg.model.config_json()))  # the file, without the overrides
-        if (raw.rope_theta, raw.max_position_embeddings) != (arch.rope_theta, arch.max_position_embeddings):
-            out.append(
-                f"vLLM reads {cfg.model.path}/config.json (rope_theta {raw.rope_theta:g}, context "
-                f"{raw.max_position_embeddings}) while the actor uses model.rope_theta / "
-                f"model.max_position_embeddings ({arch.rope_theta:g}, {arch.max_position_embeddings}); "
-                "write them into that config.json too"
-            )
     updates_rows = cfg.trainer.mini_batch_prompts * rows_per_prompt(cfg)
     micro = math.ceil(updates_rows * longest_row(cfg) / max(cfg.dp, 1) / micro_batch_tokens(cfg))
     if cfg.parallel.pp > 1 and micro < cfg.parallel.pp:

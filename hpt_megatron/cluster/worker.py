@@ -38,6 +38,17 @@ def load_tokenizer(cfg: Config):
     return AutoTokenizer.from_pretrained(source)
 
 
+def vllm_config_overrides(cfg: Config, hf_config: dict) -> dict:
+    """The config.json fields that model.rope_theta / model.max_position_embeddings changed for the
+    actor (``hf_config`` is the actor's, overrides applied), for vLLM, which reads the file itself."""
+    keys = []
+    if cfg.model.rope_theta is not None:
+        keys += ["rope_theta", "rope_parameters"]
+    if cfg.model.max_position_embeddings is not None:
+        keys.append("max_position_embeddings")
+    return {k: hf_config[k] for k in keys if k in hf_config}
+
+
 class PolicyWorker:
     def __init__(
         self, cfg: Config, rank: int, world_size: int, master_addr: str, master_port: int, threads: int = 0
@@ -109,6 +120,8 @@ class PolicyWorker:
                 tp=self.cfg.rollout.tp,
                 gpu_memory_utilization=self.cfg.rollout.gpu_memory_utilization,
                 seed=self.cfg.trainer.seed,
+                max_model_len=self.cfg.data.max_prompt_len + self.cfg.data.max_response_len,
+                hf_overrides=vllm_config_overrides(self.cfg, self.arch.hf_config),
             )
         from hpt_megatron.rollout.hf_engine import HFEngine
 

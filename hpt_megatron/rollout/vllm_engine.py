@@ -49,8 +49,12 @@ class VLLMEngine:
         dtype: str = "bfloat16",
         seed: int = 0,
         max_model_len: int | None = None,
+        hf_overrides: dict | None = None,
     ):
+        """``hf_overrides``: config.json fields the actor changed (e.g. rope_theta and the context of
+        Qwen2.5-Math-7B), applied on top of ``hf_dir/config.json`` so both policies use the same RoPE."""
         v = require_vllm()
+        extra = {"hf_overrides": hf_overrides} if hf_overrides else {}
         self.llm = v.LLM(
             model=hf_dir,
             tensor_parallel_size=tp,
@@ -61,6 +65,7 @@ class VLLMEngine:
             enable_sleep_mode=True,
             # report log-probs after temperature scaling, to compare with the actor's
             logprobs_mode="processed_logprobs",
+            **extra,
         )
         self.asleep = False
         self.weights_awake = True

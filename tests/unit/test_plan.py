@@ -112,7 +112,7 @@ def test_context_shorter_than_the_rows_is_a_warning():
     assert any("model.max_position_embeddings" in w and "9216" in w for w in plan.warnings)
 
 
-def test_downloaded_checkpoint_wins_and_a_rope_mismatch_with_vllm_is_reported(tmp_path):
+def test_downloaded_checkpoint_wins_and_the_rope_overrides_reach_vllm(tmp_path):
     ckpt = tmp_path / "checkpoints" / "Qwen2.5-Math-7B"
     ckpt.mkdir(parents=True)
     raw = json.loads((CONFIGS / "models" / "qwen2.5-math-7b.json").read_text())
@@ -122,4 +122,9 @@ def test_downloaded_checkpoint_wins_and_a_rope_mismatch_with_vllm_is_reported(tm
     plan = make_plan(cfg)
     assert plan.arch.num_layers == 4 and plan.weights_on_disk
     assert plan.arch.rope_theta == 40000  # the recipe's override over the file's 10000
-    assert any("vLLM reads" in w and "rope_theta 10000" in w for w in plan.warnings)
+    # vLLM reads the file itself: the worker hands it the actor's values
+    from hpt_megatron.cluster.worker import vllm_config_overrides
+
+    over = vllm_config_overrides(cfg, plan.arch.hf_config)
+    assert over["rope_theta"] == 40000 and over["max_position_embeddings"] == 16384
+    assert raw["rope_theta"] == 10000 and raw["max_position_embeddings"] == 4096

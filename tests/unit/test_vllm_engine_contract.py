@@ -138,3 +138,11 @@ def test_missing_vllm_error(monkeypatch):
     monkeypatch.setattr(ve, "HAVE_VLLM", False)
     with pytest.raises(ImportError, match=r"rollout.engine=vllm needs vLLM, which is not installed"):
         ve.VLLMEngine("/model")
+
+
+def test_actor_config_overrides_reach_vllm(fake_vllm):
+    """vLLM reads config.json itself: the actor's RoPE changes must be handed to it."""
+    over = {"rope_theta": 40000.0, "max_position_embeddings": 16384}
+    engine = ve.VLLMEngine("/model", max_model_len=9216, hf_overrides=over)
+    assert engine.llm.kwargs["hf_overrides"] == over and engine.llm.kwargs["max_model_len"] == 9216
+    assert "hf_overrides" not in ve.VLLMEngine("/model").llm.kwargs  # nothing to override

@@ -29,6 +29,12 @@ def unknown_key_error(key: str, valid: list[str], parent: str) -> ConfigError:
     full = f"{parent}.{key}" if parent else key
     hint = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     did_you_mean = f" (did you mean {((parent + '.') if parent else '') + hint[0]!r}?)" if hint else ""
+    if not valid:
+        fix = ""
+        if parent.startswith("algo"):
+            # typically a recipe's algo settings left over after a preset change on the command line
+            fix = "; to switch algorithm replace the whole block, e.g. 'algo={preset: grpo}'"
+        return ConfigError(f"unknown key {full!r}: {_where(parent)!r} takes no keys{fix}")
     return ConfigError(
         f"unknown key {full!r}{did_you_mean}; valid keys under {_where(parent)!r}: {', '.join(valid)}"
     )

@@ -155,6 +155,14 @@ def test_unknown_key_suggests_the_closest(recipe):
     )
 
 
+def test_a_leftover_gate_key_after_a_preset_change_names_the_fix():
+    tiny = Path(__file__).resolve().parents[2] / "configs" / "tiny_cpu.yaml"
+    assert error_of(str(tiny), ["algo.preset=grpo"]) == (
+        f"{tiny}: unknown key 'algo.gate.gamma': 'algo.gate' takes no keys; to switch algorithm replace "
+        "the whole block, e.g. 'algo={preset: grpo}'"
+    )
+
+
 def test_wrong_types(recipe):
     path = recipe("rollout:\n  n: eight\n")
     assert error_of(path) == f"{path}: rollout.n: expected int, got str 'eight'"

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import sys
 
 import yaml
@@ -144,8 +142,9 @@ def train_main(argv: list[str] | None = None) -> int:
         return 0
     if args.dry_run:
         return dry_run(cfg, args.config, args.gpu_mem_gb, args.json)
-    trainer = _optional_module("hpt_megatron.trainer", "hpt-train", "the training loop")
-    return 3 if trainer is None else trainer.main(cfg, dry_run=args.dry_run)
+    from hpt_megatron import trainer
+
+    return trainer.main(cfg)
 
 
 def dry_run(cfg, recipe: str, gpu_mem_gb: float, as_json: bool) -> int:
@@ -160,22 +159,16 @@ def dry_run(cfg, recipe: str, gpu_mem_gb: float, as_json: bool) -> int:
     return 0 if plan.fits else 1
 
 
-def _optional_module(name: str, prog: str, what: str):
-    """The module, or None (with a message) while this version does not ship it yet."""
-    if importlib.util.find_spec(name) is None:
-        print(f"{prog}: {what} is not yet available in this version.", file=sys.stderr)
-        return None
-    return importlib.import_module(name)
-
-
 def eval_main(argv: list[str] | None = None) -> int:
-    module = _optional_module("hpt_megatron.eval.cli", "hpt-eval", "evaluation")
-    return 3 if module is None else module.main(argv)
+    from hpt_megatron.eval.cli import main
+
+    return main(argv)
 
 
 def convert_main(argv: list[str] | None = None) -> int:
-    module = _optional_module("hpt_megatron.convert.cli", "hpt-convert", "checkpoint conversion")
-    return 3 if module is None else module.main(argv)
+    from hpt_megatron.convert.cli import main
+
+    return main(argv)
 
 
 if __name__ == "__main__":

@@ -202,6 +202,11 @@ class TrainerConfig:
     phases: list[PhaseConfig] = field(default_factory=list)
 
     @property
+    def run_steps(self) -> int:
+        """Steps of the whole run: the phases' sum when there are phases."""
+        return sum(p.steps for p in self.phases) or self.total_steps
+
+    @property
     def updates_per_step(self) -> int:
         """Optimizer steps per training step (for the LR schedule's length)."""
         return self.ppo_epochs * (self.prompts_per_step // self.mini_batch_prompts)

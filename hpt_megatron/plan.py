@@ -359,7 +359,7 @@ def make_plan(cfg: Config, gpu_mem_gb: float = 80.0, recipe: str = "") -> Plan:
     plan = Plan(
         recipe=recipe,
         algorithm=algorithm_name(cfg),
-        steps=sum(p.steps for p in cfg.trainer.phases) or cfg.trainer.total_steps,
+        steps=cfg.trainer.run_steps,
         arch=arch,
         model_source=str(config_json),
         weights_on_disk=weights,

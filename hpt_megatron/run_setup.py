@@ -148,10 +148,9 @@ def setup_run(cfg: Config):
 def _flops_model(cfg: Config):
     import torch
 
-    from hpt_megatron.models import arch_config_from_hf
     from hpt_megatron.observability.flops import DecoderShape, peak_flops_for
 
-    shape = DecoderShape.from_arch(arch_config_from_hf(str(cfg.model.config_json())))
+    shape = DecoderShape.from_arch(cfg.model.arch())
     on_gpu = torch.cuda.is_available() and cfg.cluster.device != "cpu"
     return shape, peak_flops_for(torch.cuda.get_device_name()) if on_gpu else None
 
@@ -215,13 +214,3 @@ def teardown(run) -> None:
     run.sink.close()
     run.verifier.close()
     run.cluster.shutdown()
-
-
-def describe_plan(cfg: Config, gpu_mem_gb: float = 80.0, as_json: bool = False, recipe: str = "") -> str:
-    """The --dry-run report: layout, parameters and the per-GPU memory estimate
-    (see :mod:`hpt_megatron.plan`), as text or JSON."""
-    from hpt_megatron.plan import make_plan
-    from hpt_megatron.plan_text import render_text
-
-    plan = make_plan(cfg, gpu_mem_gb, recipe)
-    return json.dumps(plan.to_dict(), indent=1) if as_json else render_text(plan, cfg)

@@ -54,7 +54,7 @@ class Run:
 
     @property
     def total_steps(self) -> int:
-        return sum(p.steps for p in self.cfg.trainer.phases) or self.cfg.trainer.total_steps
+        return self.cfg.trainer.run_steps
 
     def algo_at(self, step: int) -> AlgoConfig:
         end = 0
@@ -361,12 +361,9 @@ def _postfix(metrics: dict, last_eval: dict) -> dict:
     return out
 
 
-def main(cfg: Config, dry_run: bool = False) -> int:
-    from hpt_megatron.run_setup import describe_plan, finish, setup_run, teardown
+def main(cfg: Config) -> int:
+    from hpt_megatron.run_setup import finish, setup_run, teardown
 
-    if dry_run:
-        print(describe_plan(cfg))
-        return 0
     run = setup_run(cfg)
     install_signal_handlers(run)
     start = time.time()

@@ -79,7 +79,7 @@ class PolicyWorker:
             recompute=cfg.model.recompute_activations,
             sequence_parallel=cfg.parallel.sequence_parallel,
         )
-        total = sum(p.steps for p in cfg.trainer.phases) or cfg.trainer.total_steps
+        total = cfg.trainer.run_steps
         self.actor = MegatronActor(
             self.arch, self.ctx, cfg.optim, total * cfg.trainer.updates_per_step, options
         )

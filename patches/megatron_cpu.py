@@ -30,8 +30,6 @@ Patched symbols and why:
 - ``megatron.core.tensor_parallel.random._get_cuda_rng_state/_set_cuda_rng_state``: the tracker's
   private accessors of the CUDA generator (``_set`` is lazily queued on a CPU build, i.e. silently
   dropped); they read and write the CPU generator instead.
-- ``get_default_causal_mask`` (``transformer.utils`` and its import in ``fusions.fused_softmax``):
-  builds the mask with ``device="cuda"``; replaced by an explicit CPU mask builder.
 - The tracker's "CPU RNG state changed within GPU RNG context" warning is filtered: with the tracker
   mapped onto the CPU generator, that change is the intended behaviour.
 """
@@ -78,8 +76,6 @@ _MEGATRON_SYMBOLS = (
     ("megatron.core.tensor_parallel.random", "_set_cuda_rng_state"),
     ("megatron.core.tensor_parallel.random", "CudaRNGStatesTracker"),
     ("megatron.core.tensor_parallel.random", "model_parallel_cuda_manual_seed"),
-    ("megatron.core.transformer.utils", "get_default_causal_mask"),
-    ("megatron.core.fusions.fused_softmax", "get_default_causal_mask"),
 )
 
 _CPU = torch.device("cpu")
@@ -168,7 +164,6 @@ def apply_megatron_cpu_patch(force: bool = False) -> bool:
     _patch_tensor_type()
     _patch_factories()
     _patch_megatron_rng()
-    _patch_causal_mask()
     logging.getLogger(_RNG_LOGGER).addFilter(_DropTrackerWarning())
     _applied = True
     return True
@@ -273,13 +268,3 @@ def _patch_megatron_rng() -> None:
 
     random._get_cuda_rng_state = get_state
     random._set_cuda_rng_state = set_state
-
-
-def causal_mask_cpu(sq: int) -> torch.Tensor:
-    """Boolean causal mask ``[sq, sq]`` on CPU, True above the diagonal (= masked out)."""
-    return torch.ones(sq, sq, dtype=torch.bool, device=_CPU).triu(diagonal=1)
-
-
-def _patch_causal_mask() -> None:
-    for module in ("megatron.core.transformer.utils", "megatron.core.fusions.fused_softmax"):
-        importlib.import_module(module).get_default_causal_mask = causal_mask_cpu

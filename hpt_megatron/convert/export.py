@@ -17,6 +17,7 @@ This is what rollout engines load after every training step. Design:
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -39,7 +40,7 @@ class WeightManifest:
 
     @property
     def total_bytes(self) -> int:
-        return sum(_numel(shape) * _itemsize(dtype) for shape, dtype in self.entries.values())
+        return sum(math.prod(shape) * _itemsize(dtype) for shape, dtype in self.entries.values())
 
     def to_json(self) -> str:
         return json.dumps({"total_bytes": self.total_bytes, "tensors": self.entries})
@@ -48,13 +49,6 @@ class WeightManifest:
     def from_json(cls, text: str) -> WeightManifest:
         data = json.loads(text)
         return cls({n: (tuple(s), d) for n, (s, d) in data["tensors"].items()})
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    out = 1
-    for s in shape:
-        out *= s
-    return out
 
 
 def _itemsize(dtype: str) -> int:
@@ -88,7 +82,10 @@ def verify_weights(
     """Raise ValueError unless ``received`` has exactly the manifest's names, shapes and dtypes."""
     pairs = received.items() if isinstance(received, Mapping) else received
     seen: dict[str, tuple[tuple[int, ...], str]] = {}
+    twice = []
     for name, tensor in pairs:
+        if name in seen:
+            twice.append(name)
         seen[name] = (tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))
     missing = [n for n in manifest.entries if n not in seen]
     unexpected = [n for n in seen if n not in manifest.entries]
@@ -104,6 +101,8 @@ def verify_weights(
         problems.append(f"unexpected tensors: {unexpected[:8]}")
     if wrong:
         problems.append(f"shape/dtype mismatches: {wrong[:8]}")
+    if twice:
+        problems.append(f"tensors sent more than once: {twice[:8]}")
     if problems:
         raise ValueError("weight export does not match its manifest: " + "; ".join(problems))
 

@@ -133,7 +133,7 @@ def megatron_to_hf(
         writer = HFShardWriter(tmp, specs, max_shard_bytes)
         by_name = {s.name: s for s in specs}
         for bound in tqdm(tensors, desc="megatron->hf", disable=not progress):
-            for name, tensor in _export_one(reader, bound, arch, layout):
+            for name, tensor in _export_one(reader, bound, arch, layout, shapes):
                 writer.write(tensor.to(by_name[name].dtype))
         writer.close()
         write_config(arch.hf_config, tmp, specs[0].dtype)
@@ -187,9 +187,11 @@ def _short(names: list[str], n: int = 8) -> str:
     return f"{names[:n]}{more}"
 
 
-def _export_one(reader: ShardedReader, bound: BoundTensor, arch: ArchConfig, layout: ShardLayout):
+def _export_one(
+    reader: ShardedReader, bound: BoundTensor, arch: ArchConfig, layout: ShardLayout, shapes: dict
+):
     full = reader.full(bound.megatron)
-    want = megatron_shape(bound, arch, layout.padded_vocab_size)
+    want = megatron_shape(bound, arch, layout.padded_vocab_size, shapes)
     if tuple(full.shape) != want:
         raise ValueError(
             f"{reader.directory}: shape mismatch for {bound.megatron}: checkpoint has {list(full.shape)}, "

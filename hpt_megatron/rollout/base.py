@@ -11,9 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import torch
-
-Bucket = list[tuple[str, torch.Tensor]]
+from hpt_megatron.convert.export import Bucket  # one definition, re-exported here
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from hpt_megatron.config import OptimConfig
 from hpt_megatron.models import ArchConfig, build_gpt_model
 from hpt_megatron.observability.timing import nvtx_range, peak_memory_gib, reset_peak_memory
 from hpt_megatron.train.batching import (
+    Packed,
     TrainBatch,
     micro_batches,
     pack,
@@ -40,7 +41,7 @@ from hpt_megatron.train.optim import StepResult, build_optimizer, optimizer_step
 class MicroBatch:
     rows: list[int]  # indices into the mini-batch
     batch: TrainBatch
-    packed: bool
+    packed: Packed | None = None  # the rows as one sequence (padding-free mode), built once
 
 
 @dataclass
@@ -113,11 +114,12 @@ class MegatronActor:
             empty = batch.select([0])
             empty.loss_mask_BT = torch.zeros_like(empty.loss_mask_BT)
             empty.coef_B = torch.zeros_like(empty.coef_B)
-            return [MicroBatch([], empty, False)]
+            return [MicroBatch([], empty)]
         groups = micro_batches([lengths[i] for i in mine], self.opts.micro_batch_tokens, self.opts.packed)
+        selected = [batch.select([mine[j] for j in g]) for g in groups]
         return [
-            MicroBatch([mine[j] for j in g], batch.select([mine[j] for j in g]), self.opts.packed)
-            for g in groups
+            MicroBatch([mine[j] for j in g], b, pack(b) if self.opts.packed else None)
+            for g, b in zip(groups, selected)
         ]
 
     def _forward(self, model, mb: MicroBatch):
@@ -126,8 +128,8 @@ class MegatronActor:
 
     def _forward_impl(self, model, mb: MicroBatch):
         b = mb.batch
-        if mb.packed:
-            p = pack(b)
+        if mb.packed is not None:
+            p = mb.packed
             return model(
                 p.tokens_1N.to(self.ctx.device),
                 p.position_ids_1N.to(self.ctx.device),
@@ -141,8 +143,8 @@ class MegatronActor:
     def _logprobs(self, logits: Tensor, mb: MicroBatch, with_entropy: bool) -> tuple[Tensor, Tensor | None]:
         """[B, T] log-probs (and entropy) of each row's next tokens, from this rank's vocab shard."""
         b = mb.batch
-        if mb.packed:
-            p = pack(b)
+        if mb.packed is not None:
+            p = mb.packed
             flat_logits, targets = logits[0, :-1], p.tokens_1N[0, 1:]
         else:
             flat_logits, targets = (
@@ -160,7 +162,7 @@ class MegatronActor:
             with_entropy=with_entropy,
         )
         width = b.loss_mask_BT.shape[1]
-        if mb.packed:
+        if mb.packed is not None:
             return unpack_targets(logp[None], p, width), None if ent is None else unpack_targets(
                 ent[None], p, width
             )

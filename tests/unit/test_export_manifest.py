@@ -46,3 +46,5 @@ def test_verifier_catches_missing_unexpected_and_wrong_shape():
         verify_weights(manifest, {**full, "model.norm.weight": torch.zeros(3)})
     with pytest.raises(ValueError, match="got \\[64\\] bfloat16"):
         verify_weights(manifest, {**full, "model.norm.weight": torch.zeros(64, dtype=torch.bfloat16)})
+    with pytest.raises(ValueError, match=r"tensors sent more than once: \['model.norm.weight'\]"):
+        verify_weights(manifest, [*full.items(), ("model.norm.weight", full["model.norm.weight"])])

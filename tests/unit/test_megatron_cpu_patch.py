@@ -32,9 +32,9 @@ def test_refuses_unrecognised_version(monkeypatch, version):
 
 
 def test_refuses_version_missing_a_patched_symbol(monkeypatch):
-    softmax = importlib.import_module("megatron.core.fusions.fused_softmax")
-    monkeypatch.delattr(softmax, "get_default_causal_mask")
-    with pytest.raises(UnsupportedMegatronVersionError, match=r"fused_softmax\.get_default_causal_mask"):
+    random = importlib.import_module("megatron.core.tensor_parallel.random")
+    monkeypatch.delattr(random, "_get_cuda_rng_state")
+    with pytest.raises(UnsupportedMegatronVersionError, match=r"random\._get_cuda_rng_state"):
         check_megatron_version()
 
 
@@ -62,6 +62,7 @@ def test_redirects_megatron_callers_to_cpu():
     _as_megatron("torch.cuda.current_stream()").wait_event(None)
     assert _as_megatron("lambda t: t.type()")(x) == "torch.cuda.FloatTensor"
     assert x.type() == "torch.FloatTensor"  # unchanged outside megatron
+    # megatron's own default causal mask (built with device="cuda") lands on the CPU
     mask = importlib.import_module("megatron.core.transformer.utils").get_default_causal_mask(3)
     assert mask.device.type == "cpu" and mask.tolist() == [
         [False, True, True],

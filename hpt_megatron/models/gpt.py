@@ -137,6 +137,11 @@ def transformer_config(
     )
     fields.update(check_fp8(fp8, spec))
     fields.update(overrides or {})
+    if fields.get("sequence_parallel") and spec != "te":
+        raise ValueError(
+            "parallel.sequence_parallel needs Transformer Engine layers (Megatron's torch norms cannot "
+            "split the sequence): install the gpu extra or turn sequence_parallel off"
+        )
     return TransformerConfig(**fields)
 
 

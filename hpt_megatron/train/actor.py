@@ -75,14 +75,7 @@ class MegatronActor:
         if options.recompute:
             overrides.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
         if options.sequence_parallel:
-            from hpt_megatron.models.specs import resolve_spec_name
-
-            if resolve_spec_name(options.spec) != "te":
-                raise ValueError(
-                    "parallel.sequence_parallel needs Transformer Engine layers (Megatron's torch norms "
-                    "cannot split the sequence): install the gpu extra or turn sequence_parallel off"
-                )
-            overrides["sequence_parallel"] = True
+            overrides["sequence_parallel"] = True  # needs TE layers: transformer_config checks
         if ctx.pp_size > 1:
             # micro-batches have different lengths, so stages exchange shapes first; Megatron's config
             # check for this also covers the MoE dispatcher, unused by dense models

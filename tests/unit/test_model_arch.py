@@ -110,6 +110,12 @@ def test_fp8_without_transformer_engine_names_the_option(fp8, option):
         transformer_config(arch, 1, 1, torch.float32, "local", fp8)
 
 
+def test_sequence_parallel_without_transformer_engine_layers():
+    arch = arch_config_from_hf(_config("qwen2"))
+    with pytest.raises(ValueError, match=r"parallel.sequence_parallel needs Transformer Engine layers"):
+        transformer_config(arch, 2, 1, torch.float32, "local", overrides={"sequence_parallel": True})
+
+
 @pytest.mark.skipif(HAVE_TE, reason="checks the error raised without Transformer Engine")
 def test_te_spec_without_transformer_engine():
     with pytest.raises(ValueError, match="needs Transformer Engine"):

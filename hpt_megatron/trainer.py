@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from hpt_megatron.algo import AlgoConfig, Source, count_rows, plan_rows
+from hpt_megatron.algo import AlgoConfig, Source, count_rows, mean_metrics, plan_rows
 from hpt_megatron.config import Config
 from hpt_megatron.observability.metrics import MetricsLogger, print_rank0
 from hpt_megatron.observability.timing import StageTimer
@@ -117,20 +117,10 @@ def demonstrations(run: Run, items, plan) -> tuple[dict[int, list[int]], dict[in
     return ids, rewards
 
 
-def old_logprobs(run: Run, batch) -> dict:
-    """pi_old for the updates, and the rollout-engine vs actor log-prob mismatch on RL tokens."""
+def old_logprobs(run: Run, batch) -> None:
+    """pi_old for the updates (the actor also measures the rollout-engine mismatch against it)."""
     out = run.cluster.compute_logprobs(batch)
     batch.old_logp_BT = out["logp_BT"].to(batch.loss_mask_BT.dtype)
-    rl = (batch.source_B == int(Source.RL))[:, None] * batch.loss_mask_BT
-    if rl.sum() == 0 or batch.rollout_logp_BT is None:
-        return {}
-    diff = (batch.old_logp_BT - batch.rollout_logp_BT) * rl
-    n = float(rl.sum())
-    return {
-        "rollout/logp_mismatch_abs": float(diff.abs().sum()) / n,
-        "rollout/logp_mismatch_max": float(diff.abs().max()),
-        "rollout/logp_mismatch_k3": float(((torch.exp(diff) - diff - 1) * rl).sum()) / n,
-    }
 
 
 def update(run: Run, step_batch, num_prompts: int, algo: AlgoConfig) -> dict:
@@ -142,9 +132,7 @@ def update(run: Run, step_batch, num_prompts: int, algo: AlgoConfig) -> dict:
             out = run.cluster.train_step(sub, algo, count_rows(algo, sub.source_B, sub.loss_mask_BT))
             parts.append(out["metrics"])
             skipped.append(out["reason"] if out["skipped"] else "")
-    metrics = {k: sum(p.get(k, 0.0) for p in parts) / len(parts) for k in parts[0]} if parts else {}
-    if parts:
-        metrics["perf/peak_memory_gib"] = max(p["perf/peak_memory_gib"] for p in parts)
+    metrics = mean_metrics(parts)
     metrics["actor/updates"] = float(len(parts))
     metrics["actor/skipped_updates"] = float(sum(1 for s in skipped if s))
     metrics["actor/nonfinite_updates"] = float(sum(1 for s in skipped if s == "nonfinite"))
@@ -171,15 +159,13 @@ def train_step(run: Run, step: int) -> dict:
     if step_batch is not None:
         batch = step_batch.batch
         metrics["rollout/empty_responses"] = float(step_batch.skipped_empty)
-        mismatch = {}
         if algo.needs_old_logp and cfg.trainer.updates_per_step > 1:
             # with a single update per step pi_old is the current policy: the actor uses its own
-            # forward (and logs the rollout/actor mismatch from it) instead of a separate pass
+            # forward instead of a separate pass
             with timer.stage("old_logprobs"):
-                mismatch = old_logprobs(run, batch)
+                old_logprobs(run, batch)
         with timer.stage("update"):
             metrics.update(update(run, step_batch, len(items), algo))
-        metrics.update(mismatch)
         metrics["perf/train_tokens"] = float(batch.loss_mask_BT.sum())
     with timer.stage("weight_sync"):
         metrics.update(run.cluster.sync_weights())

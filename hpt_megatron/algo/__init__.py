@@ -8,7 +8,7 @@ named algorithms.
 from hpt_megatron.algo.advantages import ADVANTAGES, ROW_WEIGHTS, compute_advantages
 from hpt_megatron.algo.denominators import DENOMINATORS
 from hpt_megatron.algo.gate import GATES, Routing, RowPlan, plan_rows
-from hpt_megatron.algo.loss import count_rows, merge_metrics, upge_loss
+from hpt_megatron.algo.loss import count_rows, mean_metrics, merge_metrics, upge_loss
 from hpt_megatron.algo.masks import MASKS
 from hpt_megatron.algo.presets import PRESETS, Preset, get_preset, list_presets
 from hpt_megatron.algo.reductions import REDUCTIONS
@@ -39,6 +39,7 @@ __all__ = [
     "count_rows",
     "get_preset",
     "list_presets",
+    "mean_metrics",
     "merge_metrics",
     "plan_rows",
     "upge_loss",

@@ -148,6 +148,16 @@ def upge_loss(algo: AlgoConfig, x: LossInputs, counts: Counts) -> tuple[Tensor, 
     return total, metrics
 
 
+def mean_metrics(parts: list[dict[str, float]]) -> dict[str, float]:
+    """Combine per-update metrics (each already merged over micro-batches): the mean over the
+    updates that report a key, or the max for keys ending in ``_max``."""
+    out: dict[str, float] = {}
+    for k in {k for p in parts for k in p}:
+        values = [float(p[k]) for p in parts if k in p]
+        out[k] = max(values) if k.endswith("_max") else sum(values) / len(values)
+    return out
+
+
 def merge_metrics(parts: list[dict[str, Tensor]]) -> dict[str, float]:
     """Combine micro-batch metrics: sum, or max for keys ending in ``_max``."""
     out: dict[str, float] = {}

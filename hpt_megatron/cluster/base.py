@@ -70,7 +70,7 @@ class Cluster:
         metrics = merge_metrics([o["metrics"] for o in outs if o["metrics"]])
         first = outs[0]
         metrics.update({"actor/grad_norm": first["grad_norm"], "actor/lr": first["lr"]})
-        metrics["perf/peak_memory_gib"] = max(o.get("peak_memory_gib", 0.0) for o in outs)  # worst rank
+        metrics["perf/peak_memory_gib_max"] = max(o["peak_memory_gib"] for o in outs)  # worst rank
         return {"metrics": metrics, "skipped": first["skipped"], "reason": first["reason"]}
 
     def sync_weights(self) -> dict[str, float]:

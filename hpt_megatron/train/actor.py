@@ -261,7 +261,7 @@ class MegatronActor:
         )
         loss, metrics = upge_loss(algo, x, counts)
         if b.rollout_logp_BT is not None:
-            metrics.update(rollout_mismatch(logp, cast(b.rollout_logp_BT), x, counts))
+            metrics.update(rollout_mismatch(old, cast(b.rollout_logp_BT), x, counts))  # engine vs pi_old
         return loss, torch.tensor(1), {k: v.detach().clone().cpu() for k, v in metrics.items()}
 
     # ---- weights ------------------------------------------------------------------------------------

@@ -43,12 +43,12 @@ def test_a_short_run_learns_and_exports_a_working_model(reference):
         "perf/weight_sync_s",
         "perf/weight_sync_bytes",
         "perf/actor_tflops_per_device",
-        "perf/peak_memory_gib",
+        "perf/peak_memory_gib_max",
         "perf/generated_tokens_per_s",
         "perf/samples_per_s",
     ):
         assert key in last, key
-    assert last["perf/actor_tflops_per_device"] > 0 and last["perf/peak_memory_gib"] > 0
+    assert last["perf/actor_tflops_per_device"] > 0 and last["perf/peak_memory_gib_max"] > 0
 
     # the profiled window's trace, written by the worker, holds the actor's stage ranges
     trace = reference / "profile" / "rank_0" / "trace_steps2-3.json"

@@ -138,3 +138,13 @@ def test_nsight_runtime_env_only_for_profiled_ranks(tmp_path):
         tiny, ["profile.steps=[3,4]", "profile.ranks=[1]", "profile.torch_profiler=true"]
     )
     assert nsight_runtime_env(torch_prof, 1, tmp_path) is None  # torch.profiler instead of nsys
+
+
+def test_mean_metrics_over_updates():
+    from hpt_megatron.algo import mean_metrics
+
+    parts = [
+        {"loss/total": 1.0, "actor/ratio_max": 1.5},
+        {"loss/total": 3.0, "actor/ratio_max": 1.2, "only": 4.0},
+    ]
+    assert mean_metrics(parts) == {"loss/total": 2.0, "actor/ratio_max": 1.5, "only": 4.0}

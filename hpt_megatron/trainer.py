@@ -31,6 +31,7 @@ from hpt_megatron.config import Config
 from hpt_megatron.observability.metrics import MetricsLogger, print_rank0
 from hpt_megatron.observability.timing import StageTimer
 from hpt_megatron.rollout import SamplingParams
+from hpt_megatron.rollout.base import SEED_STRIDE
 from hpt_megatron.train.step_batch import build_step_batch, mini_batches
 
 PREEMPTED = 75
@@ -77,7 +78,7 @@ def generate(run: Run, prompts: list[list[int]], n: int, step: int):
         top_k=r.top_k,
         max_new_tokens=r.max_new_tokens,
         stop=tuple(r.stop),
-        seed=run.cfg.trainer.seed * 1_000_003 + step,
+        seed=run.cfg.trainer.seed * SEED_STRIDE + step,
     )
     return run.cluster.generate(prompts, params)
 

@@ -13,6 +13,8 @@ from typing import Protocol
 
 from hpt_megatron.convert.export import Bucket  # one definition, re-exported here
 
+SEED_STRIDE = 1_000_003  # seeds of different steps/calls never share a prompt's stream
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -39,7 +41,7 @@ class SamplingParams:
 
     def prompt_seed(self, i: int) -> int:
         """Seed of the i-th prompt of this call (None seed: 0)."""
-        return ((self.seed or 0) * 1_000_003 + self.prompt_offset + i) % (2**62)
+        return ((self.seed or 0) * SEED_STRIDE + self.prompt_offset + i) % (2**62)
 
     def sample_seed(self, i: int, j: int) -> int:
         return (self.prompt_seed(i) * 1009 + j) % (2**62)

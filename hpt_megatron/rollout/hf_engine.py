@@ -93,13 +93,29 @@ class HFEngine:
         ids = res.tokens_BN[k, :n].tolist()
         reason = "stop" if bool(res.stopped_B[k]) else "length"
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        for s in params.stop:  # stop strings end the text (the tokens stay as generated)
-            cut = text.find(s)
-            if cut >= 0:
-                text, reason = text[: cut + len(s)], "stop"
+        if any(s in text for s in params.stop):
+            # end the completion at the token that completes the first stop string, so the trained
+            # tokens and log-probs are exactly those of the rewarded text
+            n = _first_prefix_with(ids, params.stop, self.tokenizer)
+            ids, reason = ids[:n], "stop"
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
         return Completion(
             token_ids=ids, text=text, logprobs=res.logprobs_BN[k, :n].tolist(), finish_reason=reason
         )
+
+
+def _first_prefix_with(ids: list[int], stops, tokenizer) -> int:
+    """The fewest leading tokens whose text contains a stop string (binary search: once a prefix
+    contains one, every longer prefix does)."""
+    lo, hi = 1, len(ids)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        text = tokenizer.decode(ids[:mid], skip_special_tokens=True)
+        if any(s in text for s in stops):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 def _eos_ids(model, tokenizer) -> list[int]:

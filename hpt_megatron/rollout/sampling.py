@@ -15,8 +15,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-SEED_STRIDE = 1_000_003
-
 
 @dataclass
 class Sampled:
@@ -39,9 +37,13 @@ def filter_logits(scaled: Tensor, top_k: int, top_p: float) -> Tensor:
     return scaled
 
 
-def gumbel_noise(generators: list[torch.Generator], vocab: int, device) -> Tensor:
-    u = torch.stack([torch.rand(vocab, generator=g, dtype=torch.float64) for g in generators])
-    return (-torch.log(-torch.log(u.clamp_min(1e-300)))).to(device)
+def gumbel_noise(generators: list[torch.Generator], vocab: int) -> Tensor:
+    """One row of Gumbel noise per generator, drawn on the generators' device (float64 so that the
+    smallest uniform draws stay finite)."""
+    u = torch.stack(
+        [torch.rand(vocab, generator=g, dtype=torch.float64, device=g.device) for g in generators]
+    )
+    return -torch.log(-torch.log(u.clamp_min(1e-300)))
 
 
 @torch.no_grad()
@@ -65,7 +67,7 @@ def sample(
         ids[i, width - len(p) :] = torch.as_tensor(p)
         attn[i, width - len(p) :] = 1
     ids, attn = ids.to(device), attn.to(device)
-    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
     eos = torch.tensor(eos_ids, device=device)
     tokens = torch.full((b, max_new_tokens), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros((b, max_new_tokens), dtype=torch.float32, device=device)
@@ -78,7 +80,7 @@ def sample(
         scaled = logits / (temperature if temperature > 0 else 1.0)
         if temperature > 0:
             choice = (
-                filter_logits(scaled, top_k, top_p) + gumbel_noise(generators, scaled.shape[-1], device)
+                filter_logits(scaled, top_k, top_p) + gumbel_noise(generators, scaled.shape[-1])
             ).argmax(-1)
         else:
             choice = scaled.argmax(-1)

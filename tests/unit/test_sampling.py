@@ -66,6 +66,28 @@ def test_samples_do_not_depend_on_batching_or_sharding(engine):
     assert [[c.token_ids for c in r] for r in other] != [[c.token_ids for c in r] for r in whole]
 
 
+def test_stop_strings_end_tokens_and_logprobs_too(engine):
+    """A stop string ends the completion at the token that completes it: the trained tokens and
+    log-probs are those of the rewarded text."""
+    params = SamplingParams(n=2, temperature=1.0, max_new_tokens=12, seed=5)
+    free = engine.generate(PROMPTS, params)
+    # stop at the third generated token of the first sample (its text, as Tok decodes it)
+    first = free[0][0]
+    assert len(first.token_ids) > 2
+    stop = f" {first.token_ids[2]}"
+    stopped = engine.generate(PROMPTS, SamplingParams(**{**vars(params), "stop": (stop,)}))
+    for free_row, stop_row in zip(free, stopped):
+        for f, c in zip(free_row, stop_row):
+            text = " ".join(map(str, f.token_ids))
+            if stop not in text:
+                assert c.token_ids == f.token_ids  # no stop string: unchanged
+                continue
+            # the shortest prefix of the free sample whose text contains the stop string
+            m = next(i for i in range(1, len(f.token_ids) + 1) if stop in " ".join(map(str, f.token_ids[:i])))
+            assert c.token_ids == f.token_ids[:m] and c.logprobs == f.logprobs[:m]
+            assert c.finish_reason == "stop" and c.text == " ".join(map(str, f.token_ids[:m]))
+
+
 def test_greedy_is_argmax(engine):
     out = engine.generate(PROMPTS[:1], SamplingParams(n=2, temperature=0.0, max_new_tokens=6))
     a, b = out[0]
@@ -100,6 +122,6 @@ def test_gumbel_max_samples_the_softmax():
     gens = [torch.Generator().manual_seed(i) for i in range(1)]
     counts = torch.zeros(4)
     for _ in range(20000):
-        counts[int((logits + gumbel_noise(gens, 4, "cpu").float()).argmax())] += 1
+        counts[int((logits + gumbel_noise(gens, 4).float()).argmax())] += 1
     freq = counts / counts.sum()
     torch.testing.assert_close(freq, torch.softmax(logits[0], -1), atol=0.015, rtol=0)

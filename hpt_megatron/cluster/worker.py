@@ -28,14 +28,14 @@ def model_dtype(cfg: Config) -> torch.dtype:
 
 
 def load_tokenizer(cfg: Config):
-    from transformers import AutoTokenizer
+    from hpt_megatron.data.tokenizer import load_hf_tokenizer
 
     source = cfg.model.tokenizer or cfg.model.path
     if not source:
         raise ValueError(
             "model.tokenizer (or model.path) must name a directory with a Hugging Face tokenizer"
         )
-    return AutoTokenizer.from_pretrained(source)
+    return load_hf_tokenizer(source)
 
 
 def vllm_config_overrides(cfg: Config, hf_config: dict) -> dict:

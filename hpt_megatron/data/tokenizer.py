@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import string
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -147,3 +148,36 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# Newlines, digits, a boxed answer and chat words: where a rebuilt tokenizer tends to differ.
+_TOKENIZER_PROBE = "<|im_start|>assistant\nQuestion:\nLet's think step by step.\n\\boxed{12} 3.5\n"
+
+
+def encodes_like_file(tokenizer, tokenizer_json: Path) -> bool:
+    """Whether ``tokenizer`` encodes like the ``tokenizer.json`` saved with the model."""
+    saved = Tokenizer.from_file(str(tokenizer_json)).encode(_TOKENIZER_PROBE, add_special_tokens=False).ids
+    return tokenizer(_TOKENIZER_PROBE, add_special_tokens=False)["input_ids"] == saved
+
+
+def load_hf_tokenizer(source: str | Path):
+    """``AutoTokenizer.from_pretrained(source)``, unless it encodes unlike the saved tokenizer.json.
+
+    transformers picks the tokenizer class from config.json's model type and may rebuild the saved
+    tokenizer.json with that family's pre-tokenizer (a qwen2 config turns this project's synthetic
+    tokenizer into Qwen2Tokenizer, which encodes differently). Prompts must be encoded as in training,
+    so then the file is loaded as it is, with a warning.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    source = Path(source)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    saved = source / "tokenizer.json"
+    if saved.is_file() and not encodes_like_file(tokenizer, saved):
+        print(
+            f"warning: {type(tokenizer).__name__} (chosen by transformers for this model type) does not "
+            f"encode like {saved}; using the file as saved",
+            file=sys.stderr,
+        )
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(source)
+    return tokenizer

@@ -166,37 +166,12 @@ def torch_dtype(dtype: str, device: str):
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
 
 
-# Newlines, digits, a boxed answer and chat words: where a rebuilt tokenizer tends to differ.
-_TOKENIZER_PROBE = "<|im_start|>assistant\nQuestion:\nLet's think step by step.\n\\boxed{12} 3.5\n"
-
-
-def encodes_like_file(tokenizer, tokenizer_json: Path) -> bool:
-    """Whether ``tokenizer`` encodes like the ``tokenizer.json`` saved with the model."""
-    from tokenizers import Tokenizer
-
-    saved = Tokenizer.from_file(str(tokenizer_json)).encode(_TOKENIZER_PROBE, add_special_tokens=False).ids
-    return tokenizer(_TOKENIZER_PROBE, add_special_tokens=False)["input_ids"] == saved
-
-
 def load_tokenizer(args: argparse.Namespace):
-    """The tokenizer the model was trained with.
-
-    transformers picks the tokenizer class from config.json's model type and may rebuild the saved
-    tokenizer.json with that family's pre-tokenizer (a qwen2 config turns a custom tokenizer.json into
-    Qwen2Tokenizer, which encodes differently). Prompts must be encoded as in training, so when the
-    result disagrees with the saved file, the file is loaded as it is.
-    """
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    """The tokenizer the model was trained with (see ``data.tokenizer.load_hf_tokenizer``)."""
+    from hpt_megatron.data.tokenizer import load_hf_tokenizer
 
     source = args.tokenizer or args.model
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    if (source / "tokenizer.json").is_file() and not encodes_like_file(tokenizer, source / "tokenizer.json"):
-        print(
-            f"hpt-eval: warning: {type(tokenizer).__name__} (chosen by transformers for this model type) "
-            f"does not encode like {source / 'tokenizer.json'}; using the file as saved",
-            file=sys.stderr,
-        )
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(source)
+    tokenizer = load_hf_tokenizer(source)
     if args.template == "tokenizer" and not getattr(tokenizer, "chat_template", None):
         raise ValueError(
             f"--template tokenizer, but the tokenizer of {source} has no chat template; use --template "

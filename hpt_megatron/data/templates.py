@@ -119,11 +119,14 @@ class PromptBuilder:
     def encode_prompts(self, examples: Sequence[Example]) -> list[list[int]]:
         """Prompt token ids. A chat template writes its own special tokens, so none are added then;
         the base and raw templates get the tokenizer's usual ones (e.g. Llama's BOS)."""
-        if not examples:
+        return self.encode_texts([self.render(e) for e in examples])
+
+    def encode_texts(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of already rendered prompts (see ``encode_prompts``)."""
+        if not texts:
             return []
-        texts = [self.render(e) for e in examples]
         add_special = self.template != "tokenizer"
-        return list(self.tokenizer(texts, add_special_tokens=add_special)["input_ids"])
+        return list(self.tokenizer(list(texts), add_special_tokens=add_special)["input_ids"])
 
     def encode_demonstration(self, text: str, *, max_response_len: int) -> tuple[list[int], bool]:
         """Demonstration ids + EOS, truncated to ``max_response_len``; returns (ids, was_truncated)."""

@@ -201,11 +201,10 @@ def evaluate(
     if not problems:
         raise ValueError("no problems to evaluate; check the eval files (and --limit)")
     settings.check_pass_k(data_sources(problems))
-    examples = [p.example for p in problems]
-    prompts = [builder.render(e) for e in examples]
+    prompts = [builder.render(p.example) for p in problems]
     counts = [settings.samples_for(p.data_source) for p in problems]
     start = time.perf_counter()
-    completions = generate_all(engine, builder.encode_prompts(examples), counts, settings, progress)
+    completions = generate_all(engine, builder.encode_texts(prompts), counts, settings, progress)
     generated = time.perf_counter()
     grades = grade_all(verifier, problems, completions, progress)
     seconds = {"generation": generated - start, "grading": time.perf_counter() - generated}

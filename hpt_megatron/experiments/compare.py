@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from hpt_megatron.observability.metrics import read_jsonl
+
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "configs" / "tiny_cpu.yaml"
 ALGOS = ("sft", "grpo", "sft_then_grpo", "luffy", "srft", "hpt")
@@ -54,10 +56,7 @@ def run_one(name: str, steps: int, out: Path, extra: list[str]) -> dict:
     (out / f"{name}.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         raise RuntimeError(f"{name} failed (exit {proc.returncode}); see {out / (name + '.log')}")
-    records = [
-        json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()
-    ]
-    return summarize(name, records, seconds)
+    return summarize(name, read_jsonl(run_dir / "metrics.jsonl"), seconds)
 
 
 def summarize(name: str, records: list[dict], seconds: float) -> dict:

@@ -8,6 +8,7 @@ one full tensor (the embedding) plus its pieces, whatever the model size. No pro
 from __future__ import annotations
 
 import shutil
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -76,11 +77,18 @@ def hf_to_megatron(
         _copy_hf_side_files(hf_dir, tmp / HF_SUBDIR)
         for pp_rank in range(pp):
             stage = stage_tensors(arch, pp, pp_rank)
-            for tp_rank in range(tp):
-                specs = _rank_specs(stage, reader, arch, tp, dtype)
-                with shard_writer(tmp, specs, rules, tp_rank, pp_rank) as writer:
-                    for bound, spec in zip(stage, specs):
-                        writer.write(_import_one(reader, bound, arch, tp, tp_rank).to(spec.dtype))
+            specs = _rank_specs(stage, reader, arch, tp, dtype)  # the same shapes on every TP rank
+            with ExitStack() as files:
+                writers = [
+                    files.enter_context(shard_writer(tmp, specs, rules, r, pp_rank)) for r in range(tp)
+                ]
+                for bound, spec in zip(stage, specs):
+                    # read and convert each HF tensor once, then write every TP rank's slice of it
+                    full = bound.to_megatron(
+                        [reader.get(h) for h in bound.hf], arch, arch.padded_vocab_size(tp)
+                    )
+                    for tp_rank, writer in enumerate(writers):
+                        writer.write(shard_tensor(full, bound.split, tp, tp_rank).to(spec.dtype))
                         bar.update()
     return output_dir
 
@@ -98,13 +106,6 @@ def _rank_specs(
         )
         for bound in stage
     ]
-
-
-def _import_one(
-    reader: HFReader, bound: BoundTensor, arch: ArchConfig, tp: int, tp_rank: int
-) -> torch.Tensor:
-    full = bound.to_megatron([reader.get(h) for h in bound.hf], arch, arch.padded_vocab_size(tp))
-    return shard_tensor(full, bound.split, tp, tp_rank)
 
 
 def megatron_to_hf(

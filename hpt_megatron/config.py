@@ -63,12 +63,18 @@ class ModelConfig:
     max_position_embeddings: int | None = None
     recompute_activations: bool = False
 
+    def checkpoint_on_disk(self) -> bool:
+        """Whether ``path`` holds a downloaded Hugging Face checkpoint."""
+        return bool(self.path) and (Path(self.path) / "config.json").is_file()
+
+    def download_hint(self) -> str:
+        return f"huggingface-cli download {self.hub_id or '<hub id>'} --local-dir {self.path}"
+
     def config_json(self) -> Path | None:
         """The checkpoint's config.json when it is on disk, else ``hf_config``: a recipe validates
         and dry-runs before its weights are downloaded (training itself still needs ``path``)."""
-        checkpoint = Path(self.path) / "config.json" if self.path else None
-        if checkpoint is not None and (checkpoint.is_file() or not self.hf_config):
-            return checkpoint
+        if self.path and (self.checkpoint_on_disk() or not self.hf_config):
+            return Path(self.path) / "config.json"
         return Path(self.hf_config) if self.hf_config else None
 
     def arch(self) -> ArchConfig:
@@ -253,6 +259,11 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+
+    @property
+    def algos(self) -> list[AlgoConfig]:
+        """Every algorithm the run trains with (one per phase, or the top-level one)."""
+        return [p.algo for p in self.trainer.phases] or [self.algo]
 
     @property
     def dp(self) -> int:

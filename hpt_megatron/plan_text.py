@@ -3,18 +3,14 @@ The numbers come from :mod:`hpt_megatron.plan`; this module only lays them out."
 
 from __future__ import annotations
 
-import math
-
 from hpt_megatron.config import Config
-from hpt_megatron.plan import (
+from hpt_megatron.plan import Plan, micro_batches_per_update, missing_files, rows_per_prompt
+from hpt_megatron.plan_memory import (
     ADAM_MOMENT_BYTES,
     GIB,
     GRAD_BYTES,
     LOGPROB_TEMPS,
-    Plan,
     longest_row,
-    missing_files,
-    rows_per_prompt,
     uses_flash_attention,
     weight_bytes,
 )
@@ -68,7 +64,7 @@ def render_text(plan: Plan, cfg: Config) -> str:
 def _batch_lines(cfg: Config, plan: Plan) -> list[str]:
     t = cfg.trainer
     rows = t.mini_batch_prompts * rows_per_prompt(cfg)
-    micro = math.ceil(rows * longest_row(cfg) / max(plan.dp, 1) / plan.tokens)
+    micro = micro_batches_per_update(cfg)
     return [
         f"batch     {t.prompts_per_step} prompts/step x n {cfg.rollout.n}; {t.updates_per_step} update(s)/step of "
         f"{t.mini_batch_prompts} prompts (<= {rows} rows)",

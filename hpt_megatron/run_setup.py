@@ -24,8 +24,7 @@ class RunData:
 def needs_demonstrations(cfg: Config) -> bool:
     from hpt_megatron.algo import Source
 
-    algos = [p.algo for p in cfg.trainer.phases] or [cfg.algo]
-    return any(s != Source.RL for a in algos for s in a.gate.sources)
+    return any(s != Source.RL for a in cfg.algos for s in a.gate.sources)
 
 
 def materialize_synthetic(cfg: Config, run_dir: Path) -> Config:
@@ -99,13 +98,11 @@ def prepare_run_dir(cfg: Config) -> Path:
 def require_checkpoint(cfg: Config) -> None:
     """A run that starts from ``model.path`` needs the checkpoint on disk (validation and the dry
     run fall back to ``model.hf_config``; training cannot)."""
-    from hpt_megatron.plan import download_hint
-
-    path = cfg.model.path
-    if path and not (Path(path) / "config.json").is_file():
+    m = cfg.model
+    if m.path and not m.checkpoint_on_disk():
         raise ValueError(
-            f"model.path={path!r} holds no Hugging Face checkpoint (no config.json): download it with "
-            f"`{download_hint(cfg)}`, or set model.path to your copy"
+            f"model.path={m.path!r} holds no Hugging Face checkpoint (no config.json): download it with "
+            f"`{m.download_hint()}`, or set model.path to your copy"
         )
 
 
@@ -135,7 +132,7 @@ def setup_run(cfg: Config):
     cluster = make_cluster(cfg)
     sink = MetricsLogger(run_dir, jsonl=cfg.logging.jsonl, tensorboard=cfg.logging.tensorboard)
     run = Run(cfg=cfg, run_dir=run_dir, data=data, verifier=verifier, cluster=cluster, sink=sink)
-    run.flops_shape, run.peak_flops = _flops_model(cfg)
+    run.flops_shape, run.peak_flops = _flops_model(cfg, cluster)
     if resume_from is not None:
         meta = cluster.load(str(resume_from))
         data.sampler.load_state_dict(meta["sampler"])
@@ -145,14 +142,12 @@ def setup_run(cfg: Config):
     return run
 
 
-def _flops_model(cfg: Config):
-    import torch
-
+def _flops_model(cfg: Config, cluster):
+    """The actor's shape for FLOPs, and the peak FLOP/s of the device the workers train on (asked of
+    a worker: under Ray the driver may have no GPU); None where unknown, e.g. on CPU."""
     from hpt_megatron.observability.flops import DecoderShape, peak_flops_for
 
-    shape = DecoderShape.from_arch(cfg.model.arch())
-    on_gpu = torch.cuda.is_available() and cfg.cluster.device != "cpu"
-    return shape, peak_flops_for(torch.cuda.get_device_name()) if on_gpu else None
+    return DecoderShape.from_arch(cfg.model.arch()), peak_flops_for(cluster.device_name())
 
 
 def _resume_path(cfg: Config, run_dir: Path, latest_checkpoint) -> Path | None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import sys
 import time
@@ -23,17 +22,12 @@ import torch
 
 from hpt_megatron.benchmarks.shapes import SHAPES
 from hpt_megatron.observability.flops import DecoderShape, mfu, peak_flops_for, sequence_train_flops
+from hpt_megatron.observability.timing import peak_memory_gib
 
 
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-
-
-def _peak_memory() -> int:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _timed(fn, steps: int) -> float:
@@ -77,7 +71,7 @@ def megatron_step(hf_config: dict, args) -> dict:
     batch.old_logp_BT = torch.zeros_like(batch.loss_mask_BT)
     step_s = _timed(lambda: actor.train_step(batch, algo, counts), args.steps)
     logprob_s = _timed(lambda: actor.compute_logprobs(batch), args.steps)
-    return {"step_s": step_s, "logprob_s": logprob_s, "peak": _peak_memory(), "arch": arch}
+    return {"step_s": step_s, "logprob_s": logprob_s, "peak_gib": peak_memory_gib(ctx.device), "arch": arch}
 
 
 def hf_step(hf_config: dict, args) -> dict:
@@ -141,16 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"batch {args.rows} rows x {args.seq} tokens; tp={args.tp} pp={args.pp}; device {device}")
     print(f"megatron train step   {mg['step_s']:8.3f} s   {tokens / mg['step_s']:10.1f} tokens/s")
     print(f"megatron log-prob pass {mg['logprob_s']:7.3f} s   {tokens / mg['logprob_s']:10.1f} tokens/s")
-    print(f"peak memory           {mg['peak'] / 2**30:8.2f} GiB")
-    shape = DecoderShape(
-        arch.hidden_size,
-        arch.num_layers,
-        arch.num_heads,
-        arch.num_kv_heads,
-        arch.ffn_hidden_size,
-        arch.vocab_size,
-        arch.head_dim,
-    )
+    print(f"peak memory           {mg['peak_gib']:8.2f} GiB")
+    shape = DecoderShape.from_arch(arch)
     flops = sequence_train_flops(shape, args.seq) * args.rows
     print(f"model FLOPs per step  {flops / 1e12:8.2f} TFLOP  ({flops / mg['step_s'] / 1e12:.2f} TFLOP/s)")
     peak = peak_flops_for(device) if torch.cuda.is_available() else None

@@ -73,6 +73,10 @@ class Cluster:
         metrics["perf/peak_memory_gib_max"] = max(o["peak_memory_gib"] for o in outs)  # worst rank
         return {"metrics": metrics, "skipped": first["skipped"], "reason": first["reason"]}
 
+    def device_name(self) -> str:
+        """Rank 0's accelerator name ("cpu" without one)."""
+        return self._call_all("device_name")[0]
+
     def sync_weights(self) -> dict[str, float]:
         return self._call_all("sync_weights")[0]
 

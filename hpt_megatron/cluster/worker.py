@@ -85,6 +85,11 @@ class PolicyWorker:
         )
         self._load_initial_weights()
         self.tokenizer = load_tokenizer(cfg)
+        from hpt_megatron.convert import hf_manifest
+
+        # the rollout engine's weights: fp32 on CPU, the model dtype on GPU; the same every step
+        self.sync_dtype = torch.float32 if self.ctx.device.type == "cpu" else model_dtype(cfg)
+        self.manifest = hf_manifest(self.arch, self.sync_dtype)
         self.engine = self._make_engine()
         self.sync_weights()
         from hpt_megatron.observability.timing import ProfileWindow
@@ -130,20 +135,13 @@ class PolicyWorker:
         }
         config = AutoConfig.for_model(**hf)
         device = self.ctx.device if self.ctx.device.type == "cuda" else "cpu"
-        dtype = torch.float32 if device == "cpu" else model_dtype(self.cfg)
-        return HFEngine.from_config(config, self.tokenizer, device=device, dtype=dtype)
+        return HFEngine.from_config(config, self.tokenizer, device=device, dtype=self.sync_dtype)
 
     # ---- the step -------------------------------------------------------------------------------------
 
-    def info(self) -> dict:
-        c = self.ctx
-        return {
-            "rank": c.rank,
-            "tp_rank": c.tp_rank,
-            "pp_rank": c.pp_rank,
-            "dp_rank": c.dp_rank,
-            "reports": self.actor.reports,
-        }
+    def device_name(self) -> str:
+        """The accelerator this rank trains on ("cpu" without one), for the MFU's peak FLOP/s."""
+        return torch.cuda.get_device_name(self.ctx.device) if self.ctx.device.type == "cuda" else "cpu"
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
         return self.engine.generate(prompts, params) if prompts else []
@@ -156,17 +154,13 @@ class PolicyWorker:
 
     def sync_weights(self) -> dict:
         """Stream the actor's weights (Megatron -> HF names, bucketed) into the rollout engine."""
-        from hpt_megatron.convert import hf_manifest
-
         start = time.perf_counter()
-        dtype = torch.float32 if self.ctx.device.type == "cpu" else model_dtype(self.cfg)
-        manifest = hf_manifest(self.arch, dtype)
-        buckets = self.actor.export_weights(self.cfg.rollout.bucket_mb * 2**20, dtype=dtype)
-        self.engine.load_weights(buckets, manifest)
+        buckets = self.actor.export_weights(self.cfg.rollout.bucket_mb * 2**20, dtype=self.sync_dtype)
+        self.engine.load_weights(buckets, self.manifest)
         self.engine.wake()
         return {
             "perf/weight_sync_s": time.perf_counter() - start,
-            "perf/weight_sync_bytes": float(manifest.total_bytes),
+            "perf/weight_sync_bytes": float(self.manifest.total_bytes),
         }
 
     def profile_begin(self, step: int) -> None:

@@ -332,9 +332,6 @@ class ShardedReader:
             full = resize_vocab(full, padded)
         return shard_tensor(full, entry.rule, tp, tp_rank).contiguous()
 
-    def rule(self, name: str) -> str:
-        return self._entry(name).rule
-
     def dtype(self, name: str) -> torch.dtype:
         """The stored dtype of ``name`` (read from a file header)."""
         path = next(iter(self._entry(name).files.values()))

@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 
 from hpt_megatron.convert import atomic_directory, hf_manifest
+from hpt_megatron.convert.export import DEFAULT_BUCKET_BYTES
 from hpt_megatron.convert.hf_io import HFShardWriter, write_config
+from hpt_megatron.convert.offline import DEFAULT_MAX_SHARD_BYTES
 from hpt_megatron.convert.safetensors_stream import TensorSpec
-
-MAX_SHARD_BYTES = 2 * 1024**3
 
 
 def save_hf_checkpoint(actor, directory: Path, tokenizer, dtype: torch.dtype | None = None) -> None:
@@ -24,8 +24,8 @@ def save_hf_checkpoint(actor, directory: Path, tokenizer, dtype: torch.dtype | N
         writer = None
         if writes:
             specs = [TensorSpec(n, shape, getattr(torch, dt)) for n, (shape, dt) in manifest.entries.items()]
-            writer = HFShardWriter(tmp, specs, MAX_SHARD_BYTES)
-        for bucket in actor.export_weights(256 * 2**20, dtype=dtype):
+            writer = HFShardWriter(tmp, specs, DEFAULT_MAX_SHARD_BYTES)
+        for bucket in actor.export_weights(DEFAULT_BUCKET_BYTES, dtype=dtype):
             for _, tensor in bucket:
                 if writer is not None:
                     writer.write(tensor)

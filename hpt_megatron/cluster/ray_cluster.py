@@ -25,6 +25,7 @@ from hpt_megatron.cluster.base import Cluster, free_port
 
 LOG_TAIL_LINES = 30
 READY_TIMEOUT_S = 600
+DEATH_REPORT_S = 10  # how long a failed collective waits for Ray to report a dead peer
 
 
 class WorkerDied(RuntimeError):
@@ -146,11 +147,32 @@ class RayCluster(Cluster):
                         f"--- last lines of its log ---\n{self._tail(rank)}"
                     ) from None
                 except ray.exceptions.RayTaskError as e:
+                    # a rank whose peer died fails its collective at once, often before Ray reports
+                    # the death: name the dead worker, the cause, when there is one
+                    dead = self._dead_rank(pending)
                     self.shutdown()
+                    if dead is not None:
+                        raise WorkerDied(
+                            f"worker rank {dead} (log {self.log_path(dead)}) died (rank {rank} then failed "
+                            f"in a collective)\n--- last lines of its log ---\n{self._tail(dead)}"
+                        ) from None
                     raise WorkerDied(
                         f"worker rank {rank} failed:\n{e}\n--- last lines of its log ---\n{self._tail(rank)}"
                     ) from None
         return [results[r] for r in range(len(refs))]
+
+    def _dead_rank(self, pending: dict, wait_s: float = DEATH_REPORT_S) -> int | None:
+        """The first of the ``pending`` calls' ranks whose actor has died, waiting up to ``wait_s``
+        for Ray to report it."""
+        ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=wait_s)
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except (RayActorError, ActorDiedError):
+                return pending[ref]
+            except ray.exceptions.RayTaskError:
+                continue
+        return None
 
     def _call_all(self, method: str, *args: Any) -> list[Any]:
         shared = [ray.put(a) for a in args]  # one copy in the object store for all ranks

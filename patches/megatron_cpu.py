@@ -20,8 +20,25 @@ Patched symbols and why:
 - ``torch.Tensor.type``: the optimizer and grad clipping compare ``tensor.type()`` with CUDA names
   (``'torch.cuda.FloatTensor'``); called without arguments from megatron on a CPU tensor it answers
   with the CUDA name of the same dtype.
-- ``torch.empty/zeros/ones/full/tensor/...``: megatron allocates with ``device="cuda"`` (pipeline
-  token counters, the default causal mask); a CUDA device from a megatron caller becomes the CPU.
+- ``torch.empty``, ``zeros``, ``ones``, ``full``, ``tensor``, ``as_tensor``, ``arange``,
+  ``empty_like``, ``zeros_like``, ``ones_like``, ``full_like``, ``rand``, ``randn``, ``randint``:
+  megatron allocates with ``device="cuda"`` (pipeline token counters, the default causal mask); a
+  CUDA device from a megatron caller becomes the CPU. The replacements are Python functions, i.e. new
+  objects, and torch recognises its factories by identity in two tables, which the patch keeps valid:
+
+  - ``torch.utils._device._device_constructors()`` (not replaced, only built early): the set of
+    factories to which a device context (``with torch.device("meta")``, ``torch.set_default_device``)
+    gives its device. It is built lazily, once, and the dispatcher hands the context torch's original
+    builtins; built after the replacement it would hold only the wrappers and every factory call
+    would ignore the context. (Symptom: transformers' ``from_pretrained`` builds on the CPU instead
+    of ``meta``, sees no meta context, initialises at construction and then leaves the
+    non-persistent RoPE ``inv_freq`` as the uninitialised ``torch.empty_like`` it swaps in after
+    loading: zeros, garbage or NaN.) The patch builds it from the originals before replacing them,
+    then checks that ``with torch.device("meta")`` still gives meta tensors, and else undoes the
+    factory patch and raises.
+  - TorchScript's builtin table (``torch.jit._builtins``, keyed by ``id``): each wrapper is added
+    under its original's aten op, so ``torch.jit.script`` still compiles code that calls a factory
+    (it would otherwise try, and fail, to script the wrapper).
 - ``torch.cuda.synchronize``: called around communication and timers; nothing to wait for on CPU.
 - ``torch.cuda.current_stream/default_stream``: the DDP grad buffers (0.19) order their collectives
   against the compute stream; CPU work is synchronous, so a stream whose waits are no-ops is enough.
@@ -159,10 +176,10 @@ def apply_megatron_cpu_patch(force: bool = False) -> bool:
     check_megatron_version()
     if _applied:
         return True
+    _patch_factories()  # first: it checks itself and undoes itself on failure
     _patch_torch_cuda()
     _patch_tensor_cuda()
     _patch_tensor_type()
-    _patch_factories()
     _patch_megatron_rng()
     logging.getLogger(_RNG_LOGGER).addFilter(_DropTrackerWarning())
     _applied = True
@@ -253,8 +270,58 @@ def _redirect_factory(original: Callable) -> Callable:
 
 
 def _patch_factories() -> None:
-    for name in _FACTORY_FUNCTIONS:
-        setattr(torch, name, _redirect_factory(getattr(torch, name)))
+    originals = {name: getattr(torch, name) for name in _FACTORY_FUNCTIONS}
+    # Build torch's cached set of device-context factories now, from the originals: built after the
+    # replacement it would hold the wrappers, never the builtins the dispatcher hands the context.
+    device_constructors = _device_constructors()
+    wrappers = {name: _redirect_factory(original) for name, original in originals.items()}
+    for name, wrapper in wrappers.items():
+        setattr(torch, name, wrapper)
+    try:
+        _check_device_context(device_constructors, originals)
+    except RuntimeError:
+        for name, original in originals.items():
+            setattr(torch, name, original)
+        raise
+    for name, wrapper in wrappers.items():
+        _register_script_builtin(wrapper, originals[name])
+
+
+def _device_constructors() -> set:
+    from torch.utils import _device
+
+    return _device._device_constructors()
+
+
+def _register_script_builtin(wrapper: Callable, original: Callable) -> None:
+    """Let TorchScript compile ``wrapper`` as ``original``'s aten op (it looks builtins up by id)."""
+    from torch.jit import _builtins
+
+    op = _builtins._find_builtin(original)
+    if op is not None:
+        _builtins._register_builtin(wrapper, op)
+
+
+def _check_device_context(device_constructors: set, originals: dict[str, Callable]) -> None:
+    """Fail loudly if a device context no longer reaches factory calls (silent garbage otherwise)."""
+    lost = sorted(
+        name
+        for name, original in originals.items()
+        if original in device_constructors and original not in _device_constructors()
+    )
+    with torch.device("meta"):
+        probe = torch.empty(0)
+    if lost or not probe.is_meta:
+        detail = (
+            f"torch.utils._device._device_constructors() no longer holds torch.{', torch.'.join(lost)}"
+            if lost
+            else "torch.empty(0) under torch.device('meta') was not a meta tensor"
+        )
+        raise RuntimeError(
+            "the Megatron CPU patch would break torch's device context (with torch.device(...), "
+            f"torch.set_default_device): {detail}. Check patches/megatron_cpu.py against torch "
+            f"{torch.__version__}; nothing was patched."
+        )
 
 
 def _patch_megatron_rng() -> None:

@@ -5,7 +5,11 @@ group and batch statistics are exact; each returns a float64 ``adv_BT`` (row-lev
 broadcast over tokens; the actor casts to its compute dtype). A term reads its estimator's values on its own rows; rows of one prompt form one group
 whatever their source, which is how LUFFY/SRFT normalise over on- and off-policy rows together.
 
-Groups whose rewards are all equal get zero advantage from the group estimators.
+Groups of two or more whose rewards are all equal get zero advantage from the group estimators; a
+group of one (a prompt with a single scored row) gets its raw reward from GRPO, as in verl.
+
+Which reference each estimator matches is in its docstring ("verl" = verl's
+``trainer/ppo/core_algos.py``; the released HPT code is a verl fork with the same GRPO).
 
 Row weights (``ROW_WEIGHTS``) are the part of an advantage that depends on the current policy and
 so is computed in the loss: SRFT scales rows by exp(+-entropy).
@@ -13,6 +17,7 @@ so is computed in the loss: SRFT scales rows by exp(+-entropy).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -46,7 +51,7 @@ def group_stats(x_B: Tensor, group_B: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 @ADVANTAGES.register
 @dataclass(frozen=True)
 class Constant:
-    """A = value for every token (SFT: 1)."""
+    """A = value for every token (SFT: 1; Table 1 of the HPT paper)."""
 
     name: ClassVar[str] = "constant"
     needs_reward: ClassVar[bool] = False
@@ -59,7 +64,8 @@ class Constant:
 @ADVANTAGES.register
 @dataclass(frozen=True)
 class Reinforce:
-    """Plain REINFORCE: ``pm1`` maps a binary reward to +1 / -1 (reward > threshold); ``raw`` uses it."""
+    """Plain REINFORCE: ``pm1`` maps a binary reward to +1 / -1 (reward > threshold; Table 1 of the HPT
+    paper, and SRFT's "-1 if wrong" rollouts); ``raw`` uses the reward itself."""
 
     name: ClassVar[str] = "reinforce"
     needs_reward: ClassVar[bool] = True
@@ -76,31 +82,51 @@ class Reinforce:
         return broadcast(adv, rows)
 
 
+GRPO_SINGLETON = ("raw", "zero")
+
+
 @ADVANTAGES.register
 @dataclass(frozen=True)
 class GRPO:
-    """Group-relative: ``(R - mean_group) / (std_group + eps)``; ``std_normalize=False`` is Dr.GRPO.
-    Singleton groups get 0."""
+    """Group-relative: ``(R - mean_group) / (std_group + eps)`` with the unbiased std;
+    ``std_normalize=False`` is Dr.GRPO (and the released HPT/LUFFY ``grpo_use_std=False``).
+
+    Matches verl's ``compute_grpo_outcome_advantage`` (and the released HPT fork's), including a
+    group of one: ``singleton="raw"`` gives it mean 0 and std 1, so its advantage is its reward
+    (``R / (1 + eps)`` with std normalisation). ``singleton="zero"`` is this project's earlier rule
+    (no baseline, no signal). A group of one arises with ``rollout.n = 1`` or for the demonstration
+    of an HPT band prompt whose rollouts were dropped (``gate.band = replace``)."""
 
     name: ClassVar[str] = "grpo"
     needs_reward: ClassVar[bool] = True
     std_normalize: bool = True
     eps: float = 1e-6
+    singleton: str = "raw"
+
+    def __post_init__(self):
+        if self.singleton not in GRPO_SINGLETON:
+            raise ValueError(f"grpo: singleton must be 'raw' or 'zero', got {self.singleton!r}")
 
     def __call__(self, rows: ScoredRows) -> Tensor:
         r = rows.rewards_B.double()
         mean, std, size = group_stats(r, rows.group_B)
+        alone = size < 2
+        mean = torch.where(alone, 0.0, mean)
+        std = torch.where(alone, 1.0, std)
         adv = r - mean
         if self.std_normalize:
             adv = adv / (std + self.eps)
-        adv = torch.where(size > 1, adv, 0.0)
+        if self.singleton == "zero":
+            adv = torch.where(alone, 0.0, adv)
         return broadcast(adv, rows)
 
 
 @ADVANTAGES.register
 @dataclass(frozen=True)
 class RLOO:
-    """Leave-one-out baseline: ``R_i - mean_{j != i} R_j`` within the group."""
+    """Leave-one-out baseline: ``R_i - mean_{j != i} R_j`` within the group; equals verl's
+    ``compute_rloo_outcome_advantage`` for groups of two or more. A group of one gets 0 here, its raw
+    reward in verl."""
 
     name: ClassVar[str] = "rloo"
     needs_reward: ClassVar[bool] = True
@@ -113,21 +139,81 @@ class RLOO:
         return broadcast(adv, rows)
 
 
+WHITEN_MODES = ("tokens", "rows")
+
+
 @ADVANTAGES.register
 @dataclass(frozen=True)
 class ReinforcePP:
-    """REINFORCE++: rewards normalised over the whole global batch (no groups)."""
+    """REINFORCE++ (arXiv 2501.03262): discounted returns whitened over the whole global batch.
+
+    ``whiten="tokens"`` matches verl's ``compute_reinforce_plus_plus_outcome_advantage``: per-token
+    returns ``G_t = sum_{k >= t} gamma^(k-t) r_k`` (the outcome reward sits on the row's last real
+    token unless ``token_rewards_BT`` is given), then ``masked_whiten`` over EVERY real token of every
+    scored row: ``(G_t - mu) / sqrt(var + eps)``, mu and the unbiased var taken over tokens, eps
+    default 1e-8 (verl's; verl also adds 1e-8 to the token count in its means, a 1e-10-relative
+    difference ignored here). Longer rows therefore weigh more in the statistics.
+
+    ``whiten="rows"`` is this project's earlier form: one reward per row,
+    ``(R - mean_rows) / (std_rows + eps)``, eps default 1e-6; ``gamma`` has no effect there."""
 
     name: ClassVar[str] = "reinforce_pp"
     needs_reward: ClassVar[bool] = True
-    eps: float = 1e-6
+    whiten: str = "tokens"
+    gamma: float = 1.0
+    eps: float | None = None  # None: 1e-8 on the variance ("tokens"), 1e-6 on the std ("rows")
+
+    def __post_init__(self):
+        if self.whiten not in WHITEN_MODES:
+            raise ValueError(f"reinforce_pp: whiten must be 'tokens' or 'rows', got {self.whiten!r}")
+        if self.whiten == "rows" and self.gamma != 1.0:
+            warnings.warn(
+                f"reinforce_pp: gamma={self.gamma} has no effect with whiten='rows' (one reward per row)",
+                stacklevel=2,
+            )
 
     def __call__(self, rows: ScoredRows) -> Tensor:
+        if self.whiten == "rows":
+            return self._rows(rows)
+        mask = rows.mask_BT.double()
+        returns = discounted_returns(outcome_token_rewards(rows).double() * mask, mask, self.gamma)
+        n = mask.sum()
+        if n < 2:
+            return torch.zeros_like(returns)
+        mu = (returns * mask).sum() / n
+        var = (((returns - mu) * mask) ** 2).sum() / (n - 1)
+        eps = 1e-8 if self.eps is None else self.eps
+        return (returns - mu) * torch.rsqrt(var + eps) * mask
+
+    def _rows(self, rows: ScoredRows) -> Tensor:
         r = rows.rewards_B.double()
         if r.numel() < 2:
             return broadcast(torch.zeros_like(r), rows)
-        adv = (r - r.mean()) / (r.std() + self.eps)
-        return broadcast(adv, rows)
+        eps = 1e-6 if self.eps is None else self.eps
+        return broadcast((r - r.mean()) / (r.std() + eps), rows)
+
+
+def discounted_returns(rewards_BT: Tensor, mask_BT: Tensor, gamma: float) -> Tensor:
+    """``G_t = r_t + gamma * G_{t+1}``, reset at every masked position (verl's "reset after EOS")."""
+    out = torch.zeros_like(rewards_BT)
+    running = torch.zeros(rewards_BT.shape[0], dtype=rewards_BT.dtype)
+    for t in reversed(range(rewards_BT.shape[1])):
+        running = rewards_BT[:, t] + gamma * running
+        out[:, t] = running
+        running = running * mask_BT[:, t]
+    return out * mask_BT
+
+
+def outcome_token_rewards(rows: ScoredRows) -> Tensor:
+    """Per-token rewards: ``token_rewards_BT`` if given, else the outcome reward on each row's last
+    real token."""
+    if rows.token_rewards_BT is not None:
+        return rows.token_rewards_BT
+    mask = rows.mask_BT.long()
+    last = (mask * torch.arange(mask.shape[1])).argmax(-1)
+    out = torch.zeros(mask.shape, dtype=torch.float64)
+    out[torch.arange(mask.shape[0]), last] = rows.rewards_B.double()
+    return out
 
 
 @ADVANTAGES.register
@@ -138,6 +224,8 @@ class GAE:
     ``delta_t = r_t + gamma * V_{t+1} - V_t`` (V after the last real token is 0),
     ``A_t = delta_t + gamma * lam * A_{t+1}``. Without ``token_rewards_BT`` the outcome reward sits
     on each row's last real token. ``whiten`` normalises over all real tokens of the batch.
+    Follows verl's ``compute_gae_advantage_return``, except that the whitening divides by
+    ``std + 1e-8`` where verl multiplies by ``rsqrt(var + 1e-8)``.
     """
 
     name: ClassVar[str] = "gae"
@@ -153,7 +241,7 @@ class GAE:
             )
         mask = rows.mask_BT.double()
         values = rows.values_BT.double() * mask
-        rewards = self._token_rewards(rows).double() * mask
+        rewards = outcome_token_rewards(rows).double() * mask
         adv = torch.zeros_like(values)
         next_adv = torch.zeros(values.shape[0], dtype=values.dtype)
         next_value = torch.zeros_like(next_adv)
@@ -169,16 +257,6 @@ class GAE:
             real = adv[mask > 0]
             adv = (adv - real.mean()) / (real.std() + 1e-8) * mask
         return adv
-
-    @staticmethod
-    def _token_rewards(rows: ScoredRows) -> Tensor:
-        if rows.token_rewards_BT is not None:
-            return rows.token_rewards_BT
-        mask = rows.mask_BT.long()
-        last = (mask * torch.arange(mask.shape[1])).argmax(-1)
-        out = torch.zeros(mask.shape, dtype=torch.float64)
-        out[torch.arange(mask.shape[0]), last] = rows.rewards_B.double()
-        return out
 
 
 def compute_advantages(estimators: dict[str, object], rows: ScoredRows) -> dict[str, Tensor]:

@@ -2,16 +2,17 @@
 
 Algorithm 1 of the paper: P = mean rollout reward, (alpha, beta) = (f(P), g(P)), and
     loss = alpha * L_RL(rollouts) + beta * L_SFT(demonstration).
-A gate returns a ``Routing`` (alpha, beta and whether the demonstration joins the rollout group as an
-off-policy row, per prompt); ``plan_rows`` turns it into the rows of one training batch.
+A gate returns a ``Routing`` (alpha, beta and whether the demonstration is trained as an off-policy
+row of its prompt's group, per prompt); ``plan_rows`` turns it into the rows of one training batch.
 
 Gates:
     rl      every prompt trains on its rollouts (GRPO, PPO, DAPO, ...)
     sft     every prompt trains on its demonstration; no rollouts are sampled
     mixed   the demonstration joins the group of n-1 rollouts as an off-policy row (LUFFY, SRFT)
     hard    the released HPT switch: SFT iff P <= gamma (rollouts discarded), else RL on the same n
-            rollouts; optional band gamma < P <= gamma_off where the demonstration also joins the
-            group as an off-policy row (present but unused in the released scripts)
+            rollouts; optional band gamma < P <= gamma_off (the released ``switch_gate_off``,
+            unused in the released scripts) where the rollouts are dropped and the demonstration is
+            trained as an off-policy row
     linear  soft schedule alpha = P, beta = 1 - P
     table   soft schedule read from per-count tables alpha[k], beta[k], k = number of correct rollouts
 """
@@ -41,7 +42,8 @@ class Routing:
     p_G: Tensor  # fraction correct (0 where the gate samples no rollouts)
     rl_coef_G: Tensor  # alpha; 0 drops the prompt's rollouts
     sft_coef_G: Tensor  # beta; > 0 adds one SFT row of the demonstration
-    off_G: Tensor  # bool: the demonstration joins the rollout group as an off-policy row
+    off_G: Tensor  # bool: the demonstration is an off-policy row of the prompt's group (with its
+    # rollouts when rl_coef > 0, alone when they are dropped)
     uniform_G: Tensor  # bool: all rollout rewards equal, so group advantages are zero
 
     @property
@@ -80,6 +82,8 @@ _TRUE, _FALSE = torch.tensor(True), torch.tensor(False)
 @GATES.register
 @dataclass(frozen=True)
 class RLGate:
+    """Every prompt trains on its n rollouts (verl's PPO/GRPO layout)."""
+
     name: ClassVar[str] = "rl"
     sources: ClassVar[tuple[Source, ...]] = (Source.RL,)
 
@@ -96,6 +100,8 @@ class RLGate:
 @GATES.register
 @dataclass(frozen=True)
 class SFTGate:
+    """Every prompt trains on its demonstration; nothing is sampled."""
+
     name: ClassVar[str] = "sft"
     sources: ClassVar[tuple[Source, ...]] = (Source.SFT,)
 
@@ -112,6 +118,8 @@ class SFTGate:
 @GATES.register
 @dataclass(frozen=True)
 class MixedGate:
+    """The released LUFFY/SRFT layout: each group is the demonstration plus n-1 rollouts."""
+
     name: ClassVar[str] = "mixed"
     sources: ClassVar[tuple[Source, ...]] = (Source.RL, Source.OFFPOLICY)
 
@@ -128,16 +136,34 @@ class MixedGate:
         return _routing(rewards_GN, _ONE, _ZERO, _TRUE)
 
 
+BAND_MODES = ("replace", "join")
+
+
 @GATES.register
 @dataclass(frozen=True)
 class HardSwitchGate:
-    """SFT iff P <= gamma (ties go to SFT). ``unit`` says whether gamma counts correct rollouts
-    ("count", the released ``switch_gate``: 0 for Qwen, 2 for Llama) or is a fraction of n."""
+    """The released HPT switch (``select_on_off_ada_balance``, ``unify_strategy=switch`` of
+    Unify-Post-Training's ``mix_trainer.py``): SFT iff P <= gamma (ties go to SFT, the rollouts are
+    discarded), else RL on the same n rollouts. ``unit`` says whether gamma counts correct rollouts
+    ("count", the released ``switch_gate``: 0 for Qwen, 2 for Llama) or is a fraction of n.
+
+    ``gamma_off`` (the released ``switch_gate_off``; >= gamma) adds a band gamma < P <= gamma_off.
+    ``band`` says what a band prompt trains:
+
+    - ``replace`` (default, the released semantics): its n rollouts are dropped and its demonstration
+      is one off-policy row, alone in its group (``whether_off``). The term(s) covering ``offpolicy``
+      train it: LUFFY's shaped term reproduces ``offline_loss_type=off_sft`` (its advantage is the
+      singleton-group GRPO advantage, i.e. its reward); adding ``offpolicy`` to the SFT term's sources
+      reproduces ``offline_loss_type=sft``, where the band acts like a larger gamma.
+    - ``join`` (this project's earlier band): the rollouts stay as RL rows and the demonstration
+      joins their group as an off-policy row (LUFFY's layout, with all n rollouts).
+    """
 
     name: ClassVar[str] = "hard"
     gamma: float = 0.0
     unit: str = "count"
     gamma_off: float | None = None
+    band: str = "replace"
 
     @property
     def sources(self) -> tuple[Source, ...]:
@@ -150,6 +176,8 @@ class HardSwitchGate:
     def validate(self, n: int) -> None:
         if self.unit not in ("count", "fraction"):
             raise ValueError(f"gate 'hard': unit must be 'count' or 'fraction', got {self.unit!r}")
+        if self.band not in BAND_MODES:
+            raise ValueError(f"gate 'hard': band must be 'replace' or 'join', got {self.band!r}")
         top = float(n) if self.unit == "count" else 1.0
         for key, value in (("gamma", self.gamma), ("gamma_off", self.gamma_off)):
             if value is not None and not 0 <= value <= top:
@@ -170,12 +198,15 @@ class HardSwitchGate:
         band = torch.zeros_like(sft)
         if self.gamma_off is not None:
             band = ~sft & self._at_most(rewards_GN, self.gamma_off)
-        return _routing(rewards_GN, (~sft).double(), sft.double(), band)
+        rl = ~sft & ~band if self.band == "replace" else ~sft
+        return _routing(rewards_GN, rl.double(), sft.double(), band)
 
 
 @GATES.register
 @dataclass(frozen=True)
 class LinearGate:
+    """The paper's general form of Algorithm 1 with f(P) = P, g(P) = 1 - P (not in the released code)."""
+
     name: ClassVar[str] = "linear"
     sources: ClassVar[tuple[Source, ...]] = (Source.RL, Source.SFT)
 
@@ -193,7 +224,9 @@ class LinearGate:
 @GATES.register
 @dataclass(frozen=True)
 class TableGate:
-    """alpha = alpha_table[k], beta = beta_table[k], k = number of correct rollouts (0..n)."""
+    """alpha = alpha_table[k], beta = beta_table[k], k = number of correct rollouts (0..n): the
+    on-policy and SFT columns of the released ``unify_strategy=soft`` tables (whose third column,
+    an off-policy row weight, has no counterpart here)."""
 
     name: ClassVar[str] = "table"
     sources: ClassVar[tuple[Source, ...]] = (Source.RL, Source.SFT)

@@ -66,7 +66,12 @@ class NoMask:
 class PPOClip:
     """PPO's clipped objective as a mask: a token loses its gradient when the ratio left the trust
     region in the direction the advantage pushes it (``eps_low``/``eps_high`` separate, as in DAPO).
-    ``dual_clip`` (> 1) also drops negative-advantage tokens whose ratio exceeds it (dual-clip PPO)."""
+
+    ``dual_clip = c`` (> 1) is dual-clip PPO (Ye et al. 2020) exactly as verl's
+    ``compute_policy_loss_vanilla`` with ``clip_ratio_c = c``: for a token with A < 0 the loss
+    ``max(-A r, -A clip(r))`` is capped at ``-A c``, so a token with A < 0 and r > c reports ``-A c``
+    and passes no gradient. ``null`` or ``0`` turns it off (the released HPT/LUFFY code has none).
+    The component default is off; the verl-family presets set c = 3, verl's default."""
 
     name: ClassVar[str] = "ppo_clip"
     needs_old_logp: ClassVar[bool] = True
@@ -79,6 +84,8 @@ class PPOClip:
             raise ValueError(
                 f"ppo_clip: eps_low and eps_high must be >= 0, got {self.eps_low}, {self.eps_high}"
             )
+        if self.dual_clip == 0:
+            object.__setattr__(self, "dual_clip", None)  # 0 = off, as null; one spelling compares equal
         if self.dual_clip is not None and self.dual_clip <= 1.0:
             raise ValueError(f"ppo_clip: dual_clip must be > 1 (or null), got {self.dual_clip}")
 

@@ -1,7 +1,12 @@
 """Named algorithms: each preset is a composition of the four UPGE parts per term, a gate, and
 regularizers. ``list_presets()`` is what ``hpt-train --list-algorithms`` and the README table print.
 
-Where a preset follows a released implementation rather than a paper, its docstring says so.
+Where a preset follows a released implementation rather than a paper, its summary or docstring says
+so. The presets that use the ``ppo_clip`` mask and that verl would dual-clip (ppo, grpo, dr_grpo, dapo,
+reinforce_pp) set verl's ``clip_ratio_c = 3`` (``algo.terms.rl.mask.dual_clip``; null or 0 = off).
+rloo and reinforce are log-likelihood forms without a ratio, so there is nothing to dual-clip; cispo
+and gspo have their own masks (verl's GSPO loss has no dual clip); hpt and hpt_official keep none,
+as the released HPT code (a verl fork whose ``compute_policy_loss`` has no dual clip) ran.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from hpt_megatron.algo.transforms import PolicyShaping
 
 # The released HPT/LUFFY/SRFT code divides token sums by the padded response length, 8192.
 RELEASED_CONSTANT = 8192.0
+# verl's default ``actor.clip_ratio_c`` (dual-clip PPO's c); its DAPO example scripts raise it to 10.
+VERL_DUAL_CLIP = 3.0
 
 
 @dataclass(frozen=True)
@@ -69,9 +76,15 @@ def sft_term(coef: float = 1.0, sources: tuple[str, ...] = ("sft",), weight: Any
     return Term(sources=sources, mask=NoMask(), ref=CurrentPolicy(), advantage=Constant(), coef=coef, **extra)
 
 
+def verl_clip(eps_low: float = 0.2, eps_high: float = 0.2) -> PPOClip:
+    """verl's ``compute_policy_loss_vanilla``: the PPO clip plus dual clip at c = 3."""
+    return PPOClip(eps_low=eps_low, eps_high=eps_high, dual_clip=VERL_DUAL_CLIP)
+
+
 def clipped_rl_term(advantage: Any, reduction: Any, mask: Any = None) -> Term:
+    """An RL term in importance-ratio form (pi_ref = pi_old); the mask defaults to ``verl_clip()``."""
     return Term(
-        sources=("rl",), mask=mask or PPOClip(), ref=OldPolicy(), advantage=advantage, reduction=reduction
+        sources=("rl",), mask=mask or verl_clip(), ref=OldPolicy(), advantage=advantage, reduction=reduction
     )
 
 
@@ -86,27 +99,29 @@ def _reinforce() -> AlgoConfig:
     return AlgoConfig(terms={"rl": term}, gate=RLGate())
 
 
-@preset("ppo", "PPO: clipped ratio with GAE advantages (needs a value model, not yet provided)")
+@preset("ppo", "PPO: clipped ratio (dual clip 3) with GAE advantages (needs a value model, not yet provided)")
 def _ppo() -> AlgoConfig:
     return AlgoConfig(terms={"rl": clipped_rl_term(GAE(gamma=1.0, lam=0.95, whiten=True), TokenMean())})
 
 
 @preset(
-    "grpo", "GRPO: clipped ratio, group-normalised advantage (mean and std), sequence mean of token means"
+    "grpo",
+    "GRPO: clipped ratio (dual clip 3), group-normalised advantage (mean and std), "
+    "sequence mean of token means",
 )
 def _grpo() -> AlgoConfig:
     return AlgoConfig(terms={"rl": clipped_rl_term(GRPO(std_normalize=True), SeqMeanTokenMean())})
 
 
-@preset("dr_grpo", "Dr.GRPO: GRPO without std normalisation and without length normalisation")
+@preset("dr_grpo", "Dr.GRPO: GRPO without std normalisation and without length normalisation (dual clip 3)")
 def _dr_grpo() -> AlgoConfig:
     term = clipped_rl_term(GRPO(std_normalize=False), SeqMeanTokenSum(constant=RELEASED_CONSTANT))
     return AlgoConfig(terms={"rl": term})
 
 
-@preset("dapo", "DAPO: clip-higher (0.2/0.28), token-level mean, uniform groups dropped")
+@preset("dapo", "DAPO: clip-higher (0.2/0.28), dual clip 3, token-level mean, uniform groups dropped")
 def _dapo() -> AlgoConfig:
-    term = clipped_rl_term(GRPO(std_normalize=True), TokenMean(), mask=PPOClip(eps_low=0.2, eps_high=0.28))
+    term = clipped_rl_term(GRPO(std_normalize=True), TokenMean(), mask=verl_clip(eps_low=0.2, eps_high=0.28))
     return AlgoConfig(terms={"rl": term}, drop_uniform_groups=True)
 
 
@@ -116,9 +131,12 @@ def _rloo() -> AlgoConfig:
     return AlgoConfig(terms={"rl": term})
 
 
-@preset("reinforce_pp", "REINFORCE++: clipped ratio, rewards normalised over the global batch")
+@preset(
+    "reinforce_pp",
+    "REINFORCE++ as verl: clipped ratio (dual clip 3), returns whitened over every token of the global batch",
+)
 def _reinforce_pp() -> AlgoConfig:
-    return AlgoConfig(terms={"rl": clipped_rl_term(ReinforcePP(), TokenMean())})
+    return AlgoConfig(terms={"rl": clipped_rl_term(ReinforcePP(whiten="tokens"), TokenMean())})
 
 
 @preset("cispo", "CISPO: clipped stop-gradient importance weight on every token, token mean")
@@ -188,7 +206,9 @@ def _srft() -> AlgoConfig:
     "HPT as the paper describes: SFT iff no rollout of 8 is correct, else GRPO (clipped, std-normalised)",
 )
 def _hpt() -> AlgoConfig:
-    terms = {"rl": clipped_rl_term(GRPO(std_normalize=True), TokenMean()), "sft": sft_term()}
+    # PPO clip without dual clip: neither the paper nor the released code has one
+    rl = clipped_rl_term(GRPO(std_normalize=True), TokenMean(), mask=PPOClip())
+    terms = {"rl": rl, "sft": sft_term()}
     return AlgoConfig(terms=terms, gate=HardSwitchGate(gamma=0, unit="count"))
 
 

@@ -201,11 +201,36 @@ def test_sft_preset_is_cross_entropy():
     torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
 
 
+DUAL_CLIPPED = ["ppo", "grpo", "dr_grpo", "dapo", "reinforce_pp"]
+
+
+def dual_capped_fraction(batch, adv_B_or_BT) -> float:
+    """Fraction of rollout tokens with A < 0 and ratio > 3: the ones dual clip flattens."""
+    rl = (batch["source"] == int(Source.RL))[:, None] & batch["mask"].bool()
+    adv = adv_B_or_BT if adv_B_or_BT.dim() == 2 else adv_B_or_BT[:, None].expand_as(batch["mask"])
+    ratio = torch.exp(batch["logp"] - batch["old"])
+    return float(((adv < 0) & (ratio > 3.0) & rl).sum() / rl.sum())
+
+
+@pytest.mark.parametrize("name", DUAL_CLIPPED)
+def test_dual_clip_is_exercised_and_matches_the_oracle(name):
+    """Far off-policy rows (log-ratio noise 1.5) put many A < 0 tokens beyond r = 3."""
+    algo = get_preset(name).build()
+    assert algo.terms["rl"].mask.dual_clip == 3.0
+    batch = build_batch(algo, 4, old_noise=1.5)
+    rows = ScoredRows(batch["reward"], batch["group"], batch["mask"], batch["source"], batch["values"])
+    assert dual_capped_fraction(batch, algo.advantages(rows)["rl"]) > 0.02
+    _, g_logp, _, _ = run_loss(algo, batch)
+    exp_logp, _ = oracle.expected_grads(name, oracle_rows(batch))
+    torch.testing.assert_close(g_logp, padded(exp_logp), rtol=1e-9, atol=1e-12)
+
+
 def test_grpo_is_the_grpo_objective():
     """Loss value and gradient equal a direct transcription of DeepSeekMath's GRPO objective
-    (beta = 0): -1/G sum_i 1/|o_i| sum_t min(r A, clip(r, 1-e, 1+e) A)."""
+    (beta = 0) with verl's dual clip (c = 3):
+    -1/G sum_i 1/|o_i| sum_t s_t, s_t = min(r A, clip(r, 1-e, 1+e) A), raised to max(s_t, c A) where A < 0."""
     algo = get_preset("grpo").build()
-    batch = build_batch(algo, 5)
+    batch = build_batch(algo, 5, old_noise=1.0)
     loss, g_logp, _, _ = run_loss(algo, batch)
 
     logp = batch["logp"].clone().requires_grad_(True)
@@ -216,8 +241,11 @@ def test_grpo_is_the_grpo_objective():
         sel = (groups == g) & rl
         r = rewards[sel]
         adv[sel] = (r - r.mean()) / (r.std() + 1e-6)
+    assert dual_capped_fraction(batch, adv) > 0.02
     ratio = torch.exp(logp - batch["old"])
-    surr = torch.minimum(ratio * adv[:, None], ratio.clamp(0.8, 1.2) * adv[:, None])
+    a = adv[:, None]
+    surr = torch.minimum(ratio * a, ratio.clamp(0.8, 1.2) * a)
+    surr = torch.where(a < 0, torch.maximum(surr, 3.0 * a), surr)
     per_seq = (surr * mask).sum(-1) / mask.sum(-1)
     objective = per_seq[rl].mean()
     (-objective).backward()

@@ -142,7 +142,7 @@ def test_unknown_key_suggests_the_closest(recipe):
     path = recipe("algo:\n  gate:\n    gama: 2\n")
     assert error_of(path) == (
         f"{path}: unknown key 'algo.gate.gama' (did you mean 'algo.gate.gamma'?); "
-        "valid keys under 'algo.gate': gamma, gamma_off, unit"
+        "valid keys under 'algo.gate': band, gamma, gamma_off, unit"
     )
     assert error_of(recipe(""), ["optim.learning_rate=1"]) == (
         f"{path}: unknown key 'optim.learning_rate'; valid keys under 'optim': "

@@ -22,15 +22,19 @@ def rewards_with(correct_counts: list[int], n: int = N) -> torch.Tensor:
 
 
 def route_kinds(gate, correct_counts: list[int]) -> list[str]:
-    """Each prompt's route as a word: sft, rl, band (RL rollouts + demonstration in the group)."""
+    """Each prompt's route as a word: sft, rl, band (RL rollouts + demonstration in the group),
+    off (rollouts dropped, the demonstration alone as an off-policy row: the released band)."""
     r = gate.route(rewards_with(correct_counts))
     kinds = []
     for g in range(len(correct_counts)):
         rl, sft, off = float(r.rl_coef_G[g]) > 0, float(r.sft_coef_G[g]) > 0, bool(r.off_G[g])
         kinds.append(
-            {(False, True, False): "sft", (True, False, False): "rl", (True, False, True): "band"}[
-                rl, sft, off
-            ]
+            {
+                (False, True, False): "sft",
+                (True, False, False): "rl",
+                (True, False, True): "band",
+                (False, False, True): "off",
+            }[rl, sft, off]
         )
     return kinds
 
@@ -43,7 +47,14 @@ CASES = [
     (HardSwitchGate(gamma=2, unit="count"), ["sft", "sft", "sft", "rl", "rl"]),  # Llama: tie at 2 goes to SFT
     (HardSwitchGate(gamma=0.25, unit="fraction"), ["sft", "sft", "sft", "rl", "rl"]),  # 2/8 == 0.25 -> SFT
     (HardSwitchGate(gamma=0.125, unit="fraction"), ["sft", "sft", "rl", "rl", "rl"]),
-    (HardSwitchGate(gamma=0, unit="count", gamma_off=2), ["sft", "band", "band", "rl", "rl"]),
+    # the released switch_gate_off band: rollouts dropped, demonstration trained off-policy
+    (HardSwitchGate(gamma=0, unit="count", gamma_off=2), ["sft", "off", "off", "rl", "rl"]),
+    (HardSwitchGate(gamma=1, unit="count", gamma_off=3), ["sft", "sft", "off", "off", "rl"]),
+    (HardSwitchGate(gamma=0.125, unit="fraction", gamma_off=0.25), ["sft", "sft", "off", "rl", "rl"]),
+    (HardSwitchGate(gamma=0, gamma_off=0), ["sft", "rl", "rl", "rl", "rl"]),  # the scripts' 2-stage switch
+    (HardSwitchGate(gamma=0, gamma_off=8), ["sft", "off", "off", "off", "off"]),
+    # band="join": this project's earlier band, rollouts kept and the demonstration joins their group
+    (HardSwitchGate(gamma=0, unit="count", gamma_off=2, band="join"), ["sft", "band", "band", "rl", "rl"]),
     (HardSwitchGate(gamma=8, unit="count"), ["sft", "sft", "sft", "sft", "sft"]),
     (RLGate(), ["rl"] * 5),
     (MixedGate(), ["band"] * 5),
@@ -74,8 +85,13 @@ def test_plan_rows_layouts():
     plan = plan_rows(gate.route(rewards_with([2], n=N - 1)), gate.rollouts_per_prompt(N))
     assert plan.source == [Source.RL] * (N - 1) + [Source.OFFPOLICY]
     assert set(plan.prompt) == {0}
-    # band: the rollouts stay and the demonstration joins their group
-    plan = plan_rows(HardSwitchGate(gamma=0, gamma_off=2).route(rewards_with([1])), N)
+    # released band: the rollouts are dropped and the demonstration is the prompt's only row
+    plan = plan_rows(HardSwitchGate(gamma=0, gamma_off=2).route(rewards_with([0, 1, 3])), N)
+    assert plan.source == [Source.SFT, Source.OFFPOLICY] + [Source.RL] * N
+    assert plan.prompt == [0, 1] + [2] * N and plan.rollout == [-1, -1, *range(N)]
+    assert plan.coef == [1.0] * (N + 2)
+    # band="join": the rollouts stay and the demonstration joins their group
+    plan = plan_rows(HardSwitchGate(gamma=0, gamma_off=2, band="join").route(rewards_with([1])), N)
     assert plan.source == [Source.RL] * N + [Source.OFFPOLICY]
 
 
@@ -121,6 +137,7 @@ def test_soft_gates():
         (HardSwitchGate(gamma=1.5, unit="fraction"), "gamma=1.5 is outside [0, 1] for unit='fraction'"),
         (HardSwitchGate(gamma=0, unit="percent"), "unit must be 'count' or 'fraction', got 'percent'"),
         (HardSwitchGate(gamma=2, gamma_off=1), "gamma_off=1 must be >= gamma=2"),
+        (HardSwitchGate(gamma_off=2, band="both"), "band must be 'replace' or 'join', got 'both'"),
         (TableGate(alpha=(1.0,), beta=(0.0,)), "alpha needs one entry per number of correct rollouts 0..8"),
         (MixedGate(), None),
     ],
@@ -143,6 +160,6 @@ def test_registry_errors():
     with pytest.raises(ValueError, match="duplicate gate registration: 'hard'"):
         GATES.register(HardSwitchGate)
     with pytest.raises(
-        ValueError, match="gate 'hard' has no parameter 'gama'; its parameters: gamma, gamma_off, unit"
+        ValueError, match="gate 'hard' has no parameter 'gama'; its parameters: band, gamma, gamma_off, unit"
     ):
         GATES.build("hard", gama=1)

@@ -2,7 +2,9 @@
 
 Everything here is plain Python over floats, one row at a time, so it shares no code with the
 estimator. ``expected_grads`` returns d loss / d logp[i][t] and d loss / d entropy[i][t] for a
-batch described by lists, for each preset, from the formulas of the paper / the released code:
+batch described by lists, for each preset, from the formulas of the paper / the released code / verl
+(dual clip c = 3 for the verl-family presets, whitened token returns for REINFORCE++, raw reward for
+a GRPO group of one):
 
     d loss / d log pi_t = -c * coef_row * 1_stable * A * f'(pi) * pi / pi_ref   (per token)
 """
@@ -15,6 +17,7 @@ from statistics import mean, stdev
 
 GAMMA_SHAPE = 0.1
 RELEASED = 8192.0
+DUAL_CLIP = 3.0  # verl's clip_ratio_c
 
 
 @dataclass
@@ -45,15 +48,14 @@ def group_members(rows: list[Row], scored) -> dict[int, list[int]]:
 
 
 def grpo(rows: list[Row], std: bool) -> dict[int, float]:
+    """verl's rule: a group of one has mean 0 and std 1."""
     out = {}
     for members in group_members(rows, lambda r: r.source != "sft").values():
         rs = [rows[i].reward for i in members]
+        mu, sd = (mean(rs), stdev(rs)) if len(rs) > 1 else (0.0, 1.0)
         for i in members:
-            if len(rs) < 2:
-                out[i] = 0.0
-                continue
-            a = rows[i].reward - mean(rs)
-            out[i] = a / (stdev(rs) + 1e-6) if std else a
+            a = rows[i].reward - mu
+            out[i] = a / (sd + 1e-6) if std else a
     return out
 
 
@@ -66,10 +68,18 @@ def rloo(rows: list[Row]) -> dict[int, float]:
     return out
 
 
-def batch_norm(rows: list[Row]) -> dict[int, float]:
-    idx = [i for i, r in enumerate(rows) if r.source == "rl"]
-    rs = [rows[i].reward for i in idx]
-    return {i: (rows[i].reward - mean(rs)) / (stdev(rs) + 1e-6) for i in idx}
+def token_whitened_returns(rows: list[Row], gamma: float = 1.0) -> dict[int, list[float]]:
+    """REINFORCE++ as verl: discounted returns of the outcome reward (on the last token), whitened
+    with the mean and unbiased variance over every token of every rollout, ``/ sqrt(var + 1e-8)``."""
+    returns = {
+        i: [r.reward * gamma ** (r.n - 1 - t) for t in range(r.n)]
+        for i, r in enumerate(rows)
+        if r.source == "rl"
+    }
+    flat = [g for rs in returns.values() for g in rs]
+    mu = sum(flat) / len(flat)
+    var = sum((g - mu) ** 2 for g in flat) / (len(flat) - 1)
+    return {i: [(g - mu) / math.sqrt(var + 1e-8) for g in rs] for i, rs in returns.items()}
 
 
 def gae_whitened(rows: list[Row], gamma: float, lam: float) -> dict[int, list[float]]:
@@ -98,9 +108,12 @@ def ratio(r: Row, t: int) -> float:
     return math.exp(r.logp[t] - r.old[t])
 
 
-def ppo_keep(a: float, rt: float, eps_low: float, eps_high: float) -> float:
+def ppo_keep(a: float, rt: float, eps_low: float, eps_high: float, dual: float | None = None) -> float:
+    """d/d r of the (dual-)clipped loss, over -A: PPO's max(-A r, -A clip(r)) passes the gradient
+    unless the clip won; dual clip caps a negative-advantage loss at -A c, flat once r > c."""
     clipped = (a > 0 and rt > 1 + eps_high) or (a < 0 and rt < 1 - eps_low)
-    return 0.0 if clipped else 1.0
+    capped = dual is not None and a < 0 and rt > dual
+    return 0.0 if clipped or capped else 1.0
 
 
 def shaped_dlogp(logp: float) -> float:
@@ -144,15 +157,15 @@ def _sft(rows, g, sources=("sft",), weight=None):
                 g[i][t] += -r.coef * w / n
 
 
-def _clipped_rl(rows, g, adv, scale, eps_low=0.2, eps_high=0.2):
-    """-A * keep * ratio, each token scaled by scale(row)."""
+def _clipped_rl(rows, g, adv, scale, eps_low=0.2, eps_high=0.2, dual=DUAL_CLIP):
+    """-A * keep * ratio, each token scaled by scale(row); ``dual`` None = no dual clip."""
     for i, r in enumerate(rows):
         if r.source != "rl":
             continue
         for t in range(r.n):
             a = adv[i][t] if isinstance(adv[i], list) else adv[i]
             rt = ratio(r, t)
-            g[i][t] += -r.coef * a * ppo_keep(a, rt, eps_low, eps_high) * rt * scale(r)
+            g[i][t] += -r.coef * a * ppo_keep(a, rt, eps_low, eps_high, dual) * rt * scale(r)
 
 
 def sft(rows, g):
@@ -206,7 +219,7 @@ def rloo_preset(rows, g):
 
 def reinforce_pp(rows, g):
     n = tokens(rows, ("rl",))
-    _clipped_rl(rows, g, batch_norm(rows), lambda r: 1.0 / n)
+    _clipped_rl(rows, g, token_whitened_returns(rows), lambda r: 1.0 / n)
     return 0.0
 
 
@@ -264,7 +277,7 @@ def srft(rows, g):
 
 def hpt(rows, g):
     n = tokens(rows, ("rl",))
-    _clipped_rl(rows, g, grpo(rows, std=True), lambda r: 1.0 / n)
+    _clipped_rl(rows, g, grpo(rows, std=True), lambda r: 1.0 / n, dual=None)
     _sft(rows, g)
     return 0.0
 

@@ -10,6 +10,7 @@ from hpt_megatron.algo.denominators import DENOMINATORS
 from hpt_megatron.algo.gate import GATES, Routing, RowPlan, plan_rows
 from hpt_megatron.algo.loss import count_rows, mean_metrics, merge_metrics, upge_loss
 from hpt_megatron.algo.masks import MASKS
+from hpt_megatron.algo.mismatch import CORRECTIONS
 from hpt_megatron.algo.presets import PRESETS, Preset, get_preset, list_presets
 from hpt_megatron.algo.reductions import REDUCTIONS
 from hpt_megatron.algo.spec import AlgoConfig, KLPenalty, Term
@@ -18,6 +19,7 @@ from hpt_megatron.algo.types import Counts, LossInputs, ScoredRows, Source
 
 __all__ = [
     "ADVANTAGES",
+    "CORRECTIONS",
     "DENOMINATORS",
     "GATES",
     "MASKS",

@@ -7,8 +7,12 @@ Per token of a term (sg = stop-gradient):
 so d loss / d theta = -coef_row * weight_row * A_t * 1_stable_t * f'(pi) grad(pi) / pi_ref: Table 1.
 For pi_ref = pi_theta the reported value is log f(pi) (the NLL for SFT) instead of the constant 1.
 
+A term's ``correction`` (train-inference mismatch, ``mismatch.py``) multiplies loss_t by a
+detached weight w_t on rollout tokens, so their gradient is w_t times the one above.
+
 All metrics are divided by the same global counts, so summing them over micro-batches and
-data-parallel ranks gives the mini-batch value (keys ending in ``_max`` reduce by max instead).
+data-parallel ranks gives the mini-batch value (keys ending in ``_max`` / ``_min`` reduce by max /
+min instead: ``combine_rule``).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 from torch import Tensor
 
 from hpt_megatron.algo.masks import MAX_LOG_RATIO, MaskContext
+from hpt_megatron.algo.mismatch import correction_weight, k3, log_rollout_ratio
 from hpt_megatron.algo.spec import AlgoConfig, KLPenalty, Term
 from hpt_megatron.algo.types import Counts, LossInputs, Source
 
@@ -63,6 +68,11 @@ def term_loss(name: str, term: Term, x: LossInputs, counts: Counts) -> tuple[Ten
     if mask_out.dropped_value_BT is not None:
         weighted = weighted + (1.0 - keep_BT) * mask_out.dropped_value_BT.detach()
     per_tok = -(x.row_coef()[:, None] * adv_BT) * weighted
+    w_BT, correction_metrics = correction_weight(
+        name, term.correction, x, m_BT, counts.tokens.get(ROLLOUT, 0.0)
+    )
+    if w_BT is not None:
+        per_tok = w_BT * per_tok
     per_tok = torch.where(real, per_tok, 0.0)
     n_tok, n_seq = counts.tokens.get(name, 0.0), counts.seqs.get(name, 0.0)
     loss = term.coef * term.reduction(per_tok, m_BT, n_tok, n_seq)
@@ -77,6 +87,7 @@ def term_loss(name: str, term: Term, x: LossInputs, counts: Counts) -> tuple[Ten
         log_ratio = torch.where(real, x.logp_BT.detach() - x.old_logp_BT, 0.0)
         metrics[f"{name}/ratio_mean"] = (torch.exp(log_ratio) * m_BT).sum() / denom
         metrics[f"{name}/ratio_max"] = torch.where(real, torch.exp(log_ratio), 0.0).max()
+    metrics.update(correction_metrics)
     return loss, metrics
 
 
@@ -122,10 +133,10 @@ def rollout_mismatch(
     """How far the actor's log-probs of sampled tokens are from the rollout engine's (additive)."""
     m = x.mask_BT.to(logp_BT.dtype) * (x.source_B == int(Source.RL))[:, None]
     n = max(counts.tokens.get(ROLLOUT, 0.0), 1.0)
-    diff = torch.where(m.bool(), logp_BT.detach() - rollout_logp_BT, 0.0)
+    diff = log_rollout_ratio(logp_BT, rollout_logp_BT, m)
     return {
         "rollout/logp_mismatch_abs": (diff.abs() * m).sum() / n,
-        "rollout/logp_mismatch_k3": ((torch.exp(diff.clamp(max=MAX_LOG_RATIO)) - diff - 1.0) * m).sum() / n,
+        "rollout/logp_mismatch_k3": (k3(diff) * m).sum() / n,
         "rollout/logp_mismatch_max": (diff.abs() * m).max() if m.numel() else diff.new_zeros(()),
     }
 
@@ -148,21 +159,33 @@ def upge_loss(algo: AlgoConfig, x: LossInputs, counts: Counts) -> tuple[Tensor, 
     return total, metrics
 
 
+def combine_rule(key: str):
+    """How values of one metric from several micro-batches, ranks or updates combine: ``max`` for
+    keys ending in ``_max``, ``min`` for ``_min``, None for the default (sum, or mean over updates)."""
+    if key.endswith("_max"):
+        return max
+    if key.endswith("_min"):
+        return min
+    return None
+
+
 def mean_metrics(parts: list[dict[str, float]]) -> dict[str, float]:
     """Combine per-update metrics (each already merged over micro-batches): the mean over the
-    updates that report a key, or the max for keys ending in ``_max``."""
+    updates that report a key, or its ``combine_rule``."""
     out: dict[str, float] = {}
     for k in {k for p in parts for k in p}:
         values = [float(p[k]) for p in parts if k in p]
-        out[k] = max(values) if k.endswith("_max") else sum(values) / len(values)
+        rule = combine_rule(k)
+        out[k] = rule(values) if rule else sum(values) / len(values)
     return out
 
 
 def merge_metrics(parts: list[dict[str, Tensor]]) -> dict[str, float]:
-    """Combine micro-batch metrics: sum, or max for keys ending in ``_max``."""
+    """Combine micro-batch metrics: sum, or the key's ``combine_rule``."""
     out: dict[str, float] = {}
     for part in parts:
         for k, v in part.items():
             v = float(v)
-            out[k] = max(out.get(k, v), v) if k.endswith("_max") else out.get(k, 0.0) + v
+            rule = combine_rule(k)
+            out[k] = rule(out.get(k, v), v) if rule else out.get(k, 0.0) + v
     return out

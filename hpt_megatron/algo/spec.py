@@ -3,12 +3,14 @@
 Each ``Term`` covers the rows of some sources and composes
     mask (1_stable) x reference denominator (pi_ref) x advantage (A_hat) x likelihood transform (f)
 into a per-token surrogate whose gradient is ``1_stable * A_hat * f'(pi) grad(pi) / pi_ref``, then
-reduces it with a global normaliser. Fields marked with a registry are built from configs such as
-``{name: ppo_clip, eps_high: 0.28}``.
+reduces it with a global normaliser. An optional ``correction`` (``mismatch.py``) weights rollout
+tokens by the truncated or masked ratio pi_old / pi_rollout (train-inference mismatch). Fields
+marked with a registry are built from configs such as ``{name: ppo_clip, eps_high: 0.28}``.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +20,7 @@ from hpt_megatron.algo.advantages import ADVANTAGES, ROW_WEIGHTS, Constant, NoWe
 from hpt_megatron.algo.denominators import DENOMINATORS, CurrentPolicy
 from hpt_megatron.algo.gate import GATES, RLGate
 from hpt_megatron.algo.masks import MASKS, NoMask
+from hpt_megatron.algo.mismatch import CORRECTIONS, NoCorrection
 from hpt_megatron.algo.reductions import REDUCTIONS, TokenMean
 from hpt_megatron.algo.registry import describe
 from hpt_megatron.algo.transforms import TRANSFORMS, Identity
@@ -40,19 +43,22 @@ class Term:
     reduction: Any = component(REDUCTIONS, TokenMean())
     weight: Any = component(ROW_WEIGHTS, NoWeight())
     coef: float = 1.0
+    correction: Any = component(CORRECTIONS, NoCorrection())
 
     def source_ids(self) -> tuple[int, ...]:
         return tuple(int(Source.parse(s)) for s in self.sources)
 
     @property
     def needs_old_logp(self) -> bool:
-        return self.mask.needs_old_logp or self.ref.needs_old_logp
+        return self.mask.needs_old_logp or self.ref.needs_old_logp or self.correction.needs_old_logp
 
     def describe(self) -> str:
         parts = [describe(self.mask), describe(self.ref), describe(self.advantage), describe(self.transform)]
         text = " | ".join(parts) + f" | {describe(self.reduction)}"
         if not isinstance(self.weight, NoWeight):
             text += f" | weight {describe(self.weight)}"
+        if not isinstance(self.correction, NoCorrection):
+            text += f" | correction {describe(self.correction)}"
         return text + (f" | x{self.coef:g}" if self.coef != 1.0 else "")
 
 
@@ -126,6 +132,12 @@ def _validate_term(key: str, name: str, term: Term) -> None:
             Source.parse(s)
         except ValueError as e:
             raise ValueError(f"{key}.sources: {e}") from None
+    if not isinstance(term.correction, NoCorrection) and int(Source.RL) not in term.source_ids():
+        warnings.warn(
+            f"{key}.correction {term.correction.name!r} has no effect: only rl rows carry rollout "
+            f"log-probs and the term covers {', '.join(term.sources)}",
+            stacklevel=2,
+        )
     if "sft" in term.sources and term.advantage.needs_reward:
         raise ValueError(
             f"{key}.advantage is {term.advantage.name!r}, but SFT rows carry no reward; "

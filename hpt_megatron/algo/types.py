@@ -53,6 +53,9 @@ class LossInputs:
     old_logp_BT: Tensor | None = None  # pi_old, recomputed by the actor before the update
     ref_logp_BT: Tensor | None = None  # frozen reference policy, for the KL penalty
     entropy_BT: Tensor | None = None  # current policy entropy per token
+    # the rollout engine's log-probs of the sampled tokens (rl rows; other rows' values are ignored),
+    # for the train-inference mismatch corrections and metrics
+    rollout_logp_BT: Tensor | None = None
 
     def row_coef(self) -> Tensor:
         if self.coef_B is None:

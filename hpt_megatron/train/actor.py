@@ -133,8 +133,11 @@ class MegatronActor:
         # right padding: under the causal mask no real token attends to padding
         return model(tokens, positions, None)
 
-    def _logprobs(self, logits: Tensor, mb: MicroBatch, with_entropy: bool) -> tuple[Tensor, Tensor | None]:
-        """[B, T] log-probs (and entropy) of each row's next tokens, from this rank's vocab shard."""
+    def _logprobs(
+        self, logits: Tensor, mb: MicroBatch, with_entropy: bool, temperature: float | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """[B, T] log-probs (and entropy) of each row's next tokens, from this rank's vocab shard, at
+        the sampling temperature (or ``temperature``)."""
         b = mb.batch
         if mb.packed is not None:
             p = mb.packed
@@ -150,7 +153,7 @@ class MegatronActor:
             vocab_start=self.ctx.tp_rank * self.vocab_shard,
             vocab_size=self.arch.vocab_size,
             group=self.ctx.tp_group if self.ctx.tp_size > 1 else None,
-            temperature=self.opts.temperature,
+            temperature=self.opts.temperature if temperature is None else temperature,
             chunk=self.opts.logprob_chunk,
             with_entropy=with_entropy,
         )
@@ -178,10 +181,13 @@ class MegatronActor:
     # ---- log-probs ----------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def compute_logprobs(self, batch: TrainBatch, with_entropy: bool = False) -> dict | None:
+    def compute_logprobs(
+        self, batch: TrainBatch, with_entropy: bool = False, temperature: float | None = None
+    ) -> dict | None:
         """Log-probs (and entropy) of every row under the current weights, e.g. pi_old before an
-        update. Returns ``{"rows", "logp_BT", "entropy_BT"}`` for this DP rank's rows on reporting
-        ranks, None elsewhere."""
+        update, at the sampling temperature (or ``temperature``: 1.0 for the engines' probe).
+        Returns ``{"rows", "logp_BT", "entropy_BT"}`` for this DP rank's rows on reporting ranks,
+        None elsewhere."""
         self.ddp.eval()
         mbs = self._micro_batches(batch)
 
@@ -190,7 +196,7 @@ class MegatronActor:
             out = self._forward(model, mb)
 
             def loss_func(logits):
-                logp, ent = self._logprobs(logits, mb, with_entropy)
+                logp, ent = self._logprobs(logits, mb, with_entropy, temperature)
                 return logits.sum() * 0.0, torch.tensor(1), {"mb": mb, "logp": logp.cpu(), "entropy": ent}
 
             return out, loss_func
@@ -258,10 +264,11 @@ class MegatronActor:
             old_logp_BT=old,
             ref_logp_BT=cast(b.ref_logp_BT),
             entropy_BT=ent,
+            rollout_logp_BT=cast(b.rollout_logp_BT),
         )
         loss, metrics = upge_loss(algo, x, counts)
-        if b.rollout_logp_BT is not None:
-            metrics.update(rollout_mismatch(old, cast(b.rollout_logp_BT), x, counts))  # engine vs pi_old
+        if x.rollout_logp_BT is not None:
+            metrics.update(rollout_mismatch(old, x.rollout_logp_BT, x, counts))  # engine vs pi_old
         return loss, torch.tensor(1), {k: v.detach().clone().cpu() for k, v in metrics.items()}
 
     # ---- weights ------------------------------------------------------------------------------------

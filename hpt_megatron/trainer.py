@@ -167,6 +167,8 @@ def train_step(run: Run, step: int) -> dict:
                 old_logprobs(run, batch)
         with timer.stage("update"):
             metrics.update(update(run, step_batch, len(items), algo))
+        if step == run.start_step:
+            check_initial_mismatch(run, metrics)
         metrics["perf/train_tokens"] = float(batch.loss_mask_BT.sum())
     with timer.stage("weight_sync"):
         metrics.update(run.cluster.sync_weights())
@@ -183,6 +185,22 @@ def train_step(run: Run, step: int) -> dict:
     if step_batch is not None and timer.seconds.get("update"):
         metrics.update(actor_flops_metrics(run, step_batch.batch.lengths_B.tolist(), timer.seconds["update"]))
     return metrics
+
+
+def check_initial_mismatch(run: Run, metrics: dict) -> None:
+    """At the first step the engines serve exactly the actor's weights (the probe passed), so the
+    actor's log-probs of the sampled tokens must equal the engines' up to numerics. A larger gap means
+    the two compute different distributions (temperature, RoPE, chat template, dtype) and every
+    update would be off-policy: stop before training on it."""
+    gap = metrics.get("rollout/logp_mismatch_abs")
+    tol = run.cluster.probe_tolerance
+    if gap is not None and gap > tol:
+        raise RuntimeError(
+            f"step {run.start_step}: the actor's log-probs of the sampled tokens differ from the rollout "
+            f"engine's by {gap:.3g} per token on average (tolerance {tol:g}, rollout.probe_tolerance) "
+            "although both hold the same weights: they do not compute the same distribution. Check "
+            "rollout.temperature vs top_p/top_k, model.rope_theta overrides and the engine dtype."
+        )
 
 
 def actor_flops_metrics(run: Run, row_lengths: list[int], seconds: float) -> dict:

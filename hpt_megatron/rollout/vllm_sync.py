@@ -28,6 +28,7 @@ This module is imported inside vLLM's worker processes: keep its imports to torc
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 import uuid
@@ -127,6 +128,10 @@ class WeightSyncExtension:
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
         model = self.model_runner.get_model()
+        # the reload warns "<Layer>: Failed to load weights" for layers that have no checkpoint
+        # tensor (rotary embeddings, a tied LM head) on every sync; they are expected, and the probe
+        # is what proves the sync, so only errors are kept
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
         initialize_layerwise_reload(model)
         self._hpt_sync_names = set()
 

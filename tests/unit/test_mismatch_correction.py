@@ -37,6 +37,7 @@ from hpt_megatron.algo.mismatch import IcePop, NoCorrection, SeqMIS, SeqTIS, Tok
 from hpt_megatron.cli import train_main
 from hpt_megatron.config import load_config
 from hpt_megatron.config_io import ConfigError
+from tests.unit.test_config import QWEN_LIKE
 
 T_MAX = 8
 EPS = 0.2  # PPO clip
@@ -343,22 +344,9 @@ def test_impossible_parameters(kwargs, message):
 
 # ---- config ---------------------------------------------------------------------------------------
 
-TINY_MODEL = {
-    "architectures": ["Qwen2ForCausalLM"],
-    "hidden_size": 64,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "num_hidden_layers": 4,
-    "intermediate_size": 128,
-    "vocab_size": 300,
-    "rms_norm_eps": 1e-6,
-    "max_position_embeddings": 128,
-}
-
-
 @pytest.fixture
 def recipe(tmp_path):
-    (tmp_path / "model.json").write_text(json.dumps(TINY_MODEL))
+    (tmp_path / "model.json").write_text(json.dumps(QWEN_LIKE))
     path = tmp_path / "recipe.yaml"
     path.write_text("model:\n  hf_config: model.json\nalgo: {preset: grpo}\n")
     return path

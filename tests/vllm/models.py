@@ -7,34 +7,19 @@ from pathlib import Path
 
 import torch
 
-VOCAB = 300
+from tests.hf_tiny import _COMMON, _LLAMA3_ROPE
 
 
 def tiny_hf_config(kind: str):
     from transformers import LlamaConfig, Qwen2Config
 
-    common = dict(
-        vocab_size=VOCAB,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-6,
-        eos_token_id=2,
-    )
+    # tests/hf_tiny.py's shapes, wider (head size 32) and shallower
+    common = {**_COMMON, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2}
+    common.update(max_position_embeddings=256, eos_token_id=2)
     if kind == "qwen2_tied":
         return Qwen2Config(**common, tie_word_embeddings=True, rope_theta=1e6)
     if kind == "llama3":
-        rope = {
-            "rope_type": "llama3",
-            "rope_theta": 1e5,
-            "factor": 4.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 64,
-        }
+        rope = {**_LLAMA3_ROPE, "rope_theta": 1e5}
         return LlamaConfig(**common, tie_word_embeddings=False, rope_parameters=rope)
     raise ValueError(kind)
 

@@ -24,7 +24,7 @@ import torch
 
 from hpt_megatron.benchmarks.shapes import SHAPES
 
-TINY = Path(__file__).resolve().parents[1] / "models" / "tiny-qwen2.json"
+TINY = Path(__file__).resolve().parents[2] / "configs" / "models" / "tiny-qwen2.json"  # the default run's model
 SHAPES_HERE = {
     "tiny": json.loads(TINY.read_text()),
     # ~100M parameters (24.6M of them the embedding), head size 64

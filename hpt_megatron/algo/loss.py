@@ -10,6 +10,11 @@ For pi_ref = pi_theta the reported value is log f(pi) (the NLL for SFT) instead 
 A term's ``correction`` (train-inference mismatch, ``mismatch.py``) multiplies loss_t by a
 detached weight w_t on rollout tokens, so their gradient is w_t times the one above.
 
+Every reduction divides by global counts except the ``released_*`` ones (``reductions.py``), which
+reproduce the released code's per-micro-batch normalisers and gradient averaging over
+data-parallel ranks (``LossInputs.dp_size``); ``algo.regularizer_reduction`` chooses the same for the
+entropy bonus and the KL penalty.
+
 All metrics are divided by the same global counts, so summing them over micro-batches and
 data-parallel ranks gives the mini-batch value (keys ending in ``_max`` / ``_min`` reduce by max /
 min instead: ``combine_rule``).
@@ -17,16 +22,20 @@ min instead: ``combine_rule``).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from hpt_megatron.algo.masks import MAX_LOG_RATIO, MaskContext
 from hpt_megatron.algo.mismatch import correction_weight, k3, log_rollout_ratio
+from hpt_megatron.algo.reductions import TokenMean
 from hpt_megatron.algo.spec import AlgoConfig, KLPenalty, Term
 from hpt_megatron.algo.types import Counts, LossInputs, Source
 
 ALL = "all"
 ROLLOUT = "rollout"  # on-policy rollout rows, for the rollout/actor log-prob mismatch
+GLOBAL_TOKEN_MEAN = TokenMean()
 
 
 def count_rows(algo: AlgoConfig, source_B: Tensor, mask_BT: Tensor) -> Counts:
@@ -75,7 +84,7 @@ def term_loss(name: str, term: Term, x: LossInputs, counts: Counts) -> tuple[Ten
         per_tok = w_BT * per_tok
     per_tok = torch.where(real, per_tok, 0.0)
     n_tok, n_seq = counts.tokens.get(name, 0.0), counts.seqs.get(name, 0.0)
-    loss = term.coef * term.reduction(per_tok, m_BT, n_tok, n_seq)
+    loss = term.coef * term.reduction(per_tok, m_BT, n_tok, n_seq, dp_size=x.dp_size)
 
     denom = max(n_tok, 1.0)
     metrics = {
@@ -106,24 +115,40 @@ def _all_mean(v_BT: Tensor, x: LossInputs, counts: Counts) -> Tensor:
     return (torch.where(m.bool(), v_BT, 0.0) * m).sum() / max(counts.tokens.get(ALL, 0.0), 1.0)
 
 
-def regularizers(entropy_coef: float, kl: KLPenalty, x: LossInputs, counts: Counts):
+def _all_reduce(v_BT: Tensor, x: LossInputs, counts: Counts, reduction) -> Tensor:
+    """``v_BT`` over all rows, reduced by ``reduction`` (``token_mean``: the same as ``_all_mean``)."""
+    m = x.mask_BT.to(v_BT.dtype)
+    v = torch.where(m.bool(), v_BT, 0.0)
+    return reduction(v, m, counts.tokens.get(ALL, 0.0), counts.seqs.get(ALL, 0.0), dp_size=x.dp_size)
+
+
+def regularizers(
+    entropy_coef: float, kl: KLPenalty, x: LossInputs, counts: Counts, reduction: Any = GLOBAL_TOKEN_MEAN
+):
+    """Entropy bonus and KL penalty over all rows, reduced by ``reduction`` (``algo.regularizer_reduction``;
+    default the global token mean). The ``actor/entropy`` and ``actor/kl`` metrics are always global
+    token means; ``loss/entropy_bonus`` and ``loss/kl`` are what enters the loss."""
+    global_mean = isinstance(reduction, TokenMean)
     loss = x.logp_BT.new_zeros(())
     metrics: dict[str, Tensor] = {}
     if x.entropy_BT is not None:
         entropy = _all_mean(x.entropy_BT, x, counts)
         metrics["actor/entropy"] = entropy.detach()
         if entropy_coef:
-            loss = loss - entropy_coef * entropy
-            metrics["loss/entropy_bonus"] = (-entropy_coef * entropy).detach()
+            bonus = entropy if global_mean else _all_reduce(x.entropy_BT, x, counts, reduction)
+            loss = loss - entropy_coef * bonus
+            metrics["loss/entropy_bonus"] = (-entropy_coef * bonus).detach()
     if kl.coef:
         if x.ref_logp_BT is None:
             raise ValueError(
                 "algo.kl.coef > 0 needs reference-model log-probs (ref_logp_BT); none were given"
             )
-        kl_mean = _all_mean(kl_estimate(x.logp_BT, x.ref_logp_BT, kl.estimator), x, counts)
-        loss = loss + kl.coef * kl_mean
+        kl_BT = kl_estimate(x.logp_BT, x.ref_logp_BT, kl.estimator)
+        kl_mean = _all_mean(kl_BT, x, counts)
+        kl_loss = kl_mean if global_mean else _all_reduce(kl_BT, x, counts, reduction)
+        loss = loss + kl.coef * kl_loss
         metrics["actor/kl"] = kl_mean.detach()
-        metrics["loss/kl"] = (kl.coef * kl_mean).detach()
+        metrics["loss/kl"] = (kl.coef * kl_loss).detach()
     return loss, metrics
 
 
@@ -152,7 +177,7 @@ def upge_loss(algo: AlgoConfig, x: LossInputs, counts: Counts) -> tuple[Tensor, 
         loss, m = term_loss(name, term, x, counts)
         total = total + loss
         metrics.update(m)
-    reg, m = regularizers(algo.entropy_coef, algo.kl, x, counts)
+    reg, m = regularizers(algo.entropy_coef, algo.kl, x, counts, algo.regularizer_reduction)
     metrics.update(m)
     total = total + reg
     metrics["loss/total"] = total.detach()

@@ -7,6 +7,15 @@ reinforce_pp) set verl's ``clip_ratio_c = 3`` (``algo.terms.rl.mask.dual_clip``;
 rloo and reinforce are log-likelihood forms without a ratio, so there is nothing to dual-clip; cispo
 and gspo have their own masks (verl's GSPO loss has no dual clip); hpt and hpt_official keep none,
 as the released HPT code (a verl fork whose ``compute_policy_loss`` has no dual clip) ran.
+
+``hpt_official`` and ``hpt_released`` share the released losses; they differ only in normalizers.
+``hpt_official`` divides by global counts (micro-batching and data parallelism change nothing);
+``hpt_released`` reproduces the released code's normalizers as run on its hardware: per-micro-batch
+SFT and entropy token means summed over micro-batches, and every term averaged over data-parallel
+ranks (``released_token_mean``, ``released_token_sum``, ``algo.regularizer_reduction``). It is a
+preset rather than a flag on ``hpt_official`` so that the difference is spelled out in its terms'
+reductions (and in the algorithm table), and so that any preset can opt into either reduction per
+term with ``algo.terms.<name>.reduction``.
 """
 
 from __future__ import annotations
@@ -19,7 +28,14 @@ from hpt_megatron.algo.advantages import GAE, GRPO, RLOO, Constant, EntropyScale
 from hpt_megatron.algo.denominators import CurrentPolicy, GSPORef, OldPolicy, One
 from hpt_megatron.algo.gate import HardSwitchGate, MixedGate, RLGate, SFTGate
 from hpt_megatron.algo.masks import CISPO, GSPOSeqClip, NoMask, PPOClip
-from hpt_megatron.algo.reductions import SeqMeanTokenMean, SeqMeanTokenSum, TokenMean, TokenSumOverConstant
+from hpt_megatron.algo.reductions import (
+    ReleasedTokenMean,
+    ReleasedTokenSum,
+    SeqMeanTokenMean,
+    SeqMeanTokenSum,
+    TokenMean,
+    TokenSumOverConstant,
+)
 from hpt_megatron.algo.spec import AlgoConfig, Term
 from hpt_megatron.algo.transforms import PolicyShaping
 
@@ -71,8 +87,12 @@ def list_presets() -> list[Preset]:
     return list(PRESETS.values())
 
 
-def sft_term(coef: float = 1.0, sources: tuple[str, ...] = ("sft",), weight: Any = None) -> Term:
+def sft_term(
+    coef: float = 1.0, sources: tuple[str, ...] = ("sft",), weight: Any = None, reduction: Any = None
+) -> Term:
     extra = {"weight": weight} if weight is not None else {}
+    if reduction is not None:
+        extra["reduction"] = reduction
     return Term(sources=sources, mask=NoMask(), ref=CurrentPolicy(), advantage=Constant(), coef=coef, **extra)
 
 
@@ -219,12 +239,41 @@ def _hpt() -> AlgoConfig:
     overrides={"optim.skip_grad_norm_above": 80.0},
 )
 def _hpt_official() -> AlgoConfig:
+    return _hpt_released_code(released_normalizers=False)
+
+
+@preset(
+    "hpt_released",
+    "hpt_official with the released normalizers as run: SFT and entropy token means per micro-batch, "
+    "summed over micro-batches; every term averaged over data-parallel ranks (RL = token sum / 8192 / DP)",
+    overrides={"optim.skip_grad_norm_above": 80.0},
+)
+def _hpt_released() -> AlgoConfig:
+    return _hpt_released_code(released_normalizers=True)
+
+
+def _hpt_released_code(released_normalizers: bool) -> AlgoConfig:
+    """The released HPT losses. ``hpt_official`` divides by global counts, so its gradient does not
+    depend on how a mini-batch is split; ``hpt_released`` uses the released code's normalizers
+    (``released_*`` reductions), whose relative weight of SFT vs RL depends on the number of
+    micro-batches per rank and on the number of data-parallel ranks. The two agree at one
+    micro-batch on one rank."""
+    if released_normalizers:
+        rl_reduction: Any = ReleasedTokenSum(RELEASED_CONSTANT)
+        token_mean: Any = ReleasedTokenMean()
+    else:
+        rl_reduction, token_mean = TokenSumOverConstant(RELEASED_CONSTANT), TokenMean()
     rl = Term(
         sources=("rl",),
         mask=NoMask(),
         ref=OldPolicy(),
         advantage=GRPO(std_normalize=False),
-        reduction=TokenSumOverConstant(RELEASED_CONSTANT),
+        reduction=rl_reduction,
     )
-    terms = {"rl": rl, "sft": sft_term(coef=1.0)}
-    return AlgoConfig(terms=terms, gate=HardSwitchGate(gamma=0, unit="count"), entropy_coef=0.001)
+    terms = {"rl": rl, "sft": sft_term(coef=1.0, reduction=token_mean)}
+    return AlgoConfig(
+        terms=terms,
+        gate=HardSwitchGate(gamma=0, unit="count"),
+        entropy_coef=0.001,
+        regularizer_reduction=token_mean,
+    )

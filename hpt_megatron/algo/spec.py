@@ -3,7 +3,8 @@
 Each ``Term`` covers the rows of some sources and composes
     mask (1_stable) x reference denominator (pi_ref) x advantage (A_hat) x likelihood transform (f)
 into a per-token surrogate whose gradient is ``1_stable * A_hat * f'(pi) grad(pi) / pi_ref``, then
-reduces it with a global normaliser. An optional ``correction`` (``mismatch.py``) weights rollout
+reduces it with a global normaliser (or, for the ``released_*`` reductions, the released code's
+per-micro-batch one). An optional ``correction`` (``mismatch.py``) weights rollout
 tokens by the truncated or masked ratio pi_old / pi_rollout (train-inference mismatch). Fields
 marked with a registry are built from configs such as ``{name: ppo_clip, eps_high: 0.28}``.
 """
@@ -84,6 +85,9 @@ class AlgoConfig:
     gate: Any = component(GATES, RLGate())
     entropy_coef: float = 0.0
     kl: KLPenalty = field(default_factory=KLPenalty)
+    # how the entropy bonus and the KL penalty reduce their per-token values over all rows: the global
+    # token mean by default; ``released_token_mean`` for the released code's per-micro-batch means
+    regularizer_reduction: Any = component(REDUCTIONS, TokenMean())
     drop_uniform_groups: bool = False
 
     @property

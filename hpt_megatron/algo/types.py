@@ -56,6 +56,11 @@ class LossInputs:
     # the rollout engine's log-probs of the sampled tokens (rl rows; other rows' values are ignored),
     # for the train-inference mismatch corrections and metrics
     rollout_logp_BT: Tensor | None = None
+    # data-parallel ranks whose micro-batch gradients are summed into the mini-batch gradient. Only the
+    # ``released_*`` reductions use it (they average over ranks as the released FSDP code did); the
+    # default reductions divide by global ``Counts``, which already span every rank. The micro-batch
+    # count needs no field: the loss is called once per micro-batch and those losses are summed.
+    dp_size: int = 1
 
     def row_coef(self) -> Tensor:
         if self.coef_B is None:

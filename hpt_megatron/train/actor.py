@@ -6,7 +6,9 @@ its data-parallel share (token-balanced rows), split into micro-batches by a tok
 already divided by GLOBAL counts computed from the whole mini-batch, so micro-batch and data-parallel
 gradients must be summed, not averaged: the model is built with ``calculate_per_token_loss`` (the
 schedule then neither divides by the number of micro-batches nor DDP by the data-parallel size) and
-Megatron's token-count rescaling is switched off.
+Megatron's token-count rescaling is switched off. (The ``released_*`` reductions instead normalise
+each micro-batch by itself and divide by the data-parallel size, ``LossInputs.dp_size``, which
+reproduces the released code's per-micro-batch means and FSDP gradient averaging.)
 
 Results (log-probs, metrics) come back on the ranks that ``reports`` (last pipeline stage, tensor
 rank 0: one per data-parallel group); other ranks return None.
@@ -265,6 +267,7 @@ class MegatronActor:
             ref_logp_BT=cast(b.ref_logp_BT),
             entropy_BT=ent,
             rollout_logp_BT=cast(b.rollout_logp_BT),
+            dp_size=self.ctx.dp_size,  # for the released_* reductions (they average over DP ranks)
         )
         loss, metrics = upge_loss(algo, x, counts)
         if x.rollout_logp_BT is not None:

@@ -149,6 +149,7 @@ DUAL_CLIP_BY_PRESET = {
     "reinforce_pp": 3.0,
     "hpt": None,  # the paper's clipped GRPO; neither paper nor released code dual-clips
     "hpt_official": "-",  # released code: no clip at all
+    "hpt_released": "-",  # released code: no clip at all
     "rloo": "-",  # log-likelihood form, no ratio
     "reinforce": "-",
     "cispo": "-",

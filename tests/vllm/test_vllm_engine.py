@@ -147,3 +147,13 @@ def test_a_bad_bucket_leaves_the_engine_unverified_but_repairable(served):
     assert torch.allclose(got, hf_scores(served.model, PROBE), atol=TOL)
     engine.mark_verified()
     assert all(math.isfinite(x) for x in engine.generate([[3]], SamplingParams(max_new_tokens=4))[0][0].logprobs)
+
+
+def test_an_unsupported_cpu_head_size_is_named_before_start(tmp_path):
+    import json
+
+    from hpt_megatron.rollout.vllm_engine import VLLMEngine
+
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 64, "num_attention_heads": 4}))
+    with pytest.raises(ValueError, match=r"config.json: head size 16 .* not supported by vLLM's CPU attention"):
+        VLLMEngine(str(tmp_path), Tok(), dtype="float32")

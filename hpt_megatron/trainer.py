@@ -191,7 +191,8 @@ def check_initial_mismatch(run: Run, metrics: dict) -> None:
     """At the first step the engines serve exactly the actor's weights (the probe passed), so the
     actor's log-probs of the sampled tokens must equal the engines' up to numerics. A larger gap means
     the two compute different distributions (temperature, RoPE, chat template, dtype) and every
-    update would be off-policy: stop before training on it."""
+    update would be off-policy. The gap is measured in the first update's own pass, so the run stops
+    right after that update, before any other."""
     gap = metrics.get("rollout/logp_mismatch_abs")
     tol = run.cluster.probe_tolerance
     if gap is not None and gap > tol:

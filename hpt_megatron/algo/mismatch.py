@@ -89,10 +89,11 @@ class NoCorrection:
         return CorrectionOut(ones, ones, torch.zeros_like(ones, dtype=torch.bool))
 
 
-@CORRECTIONS.register
 @dataclass(frozen=True)
-class TokenTIS:
-    name: ClassVar[str] = "tis"
+class _CappedIS:
+    """tis / mis / seq_tis / seq_mis: a ratio (the token's, or its row's) truncated at ``cap``
+    (``changes = "truncated"``) or zeroed above it (``"masked"``)."""
+
     needs_rollout_logp: ClassVar[bool] = True
     needs_old_logp: ClassVar[bool] = True
     changes: ClassVar[str] = "truncated"
@@ -101,58 +102,46 @@ class TokenTIS:
     def __post_init__(self):
         _check_cap(self.name, self.cap)
 
-    def __call__(self, log_rho_BT: Tensor, mask_BT: Tensor) -> CorrectionOut:
-        return _truncate(torch.exp(log_rho_BT), self.cap)
-
-
-@CORRECTIONS.register
-@dataclass(frozen=True)
-class TokenMIS:
-    name: ClassVar[str] = "mis"
-    needs_rollout_logp: ClassVar[bool] = True
-    needs_old_logp: ClassVar[bool] = True
-    changes: ClassVar[str] = "masked"
-    cap: float = 2.0
-
-    def __post_init__(self):
-        _check_cap(self.name, self.cap)
+    def ratio(self, log_rho_BT: Tensor, mask_BT: Tensor) -> Tensor:
+        return torch.exp(log_rho_BT)
 
     def __call__(self, log_rho_BT: Tensor, mask_BT: Tensor) -> CorrectionOut:
-        return _mask_above(torch.exp(log_rho_BT), self.cap)
+        ratio = self.ratio(log_rho_BT, mask_BT)
+        return _truncate(ratio, self.cap) if self.changes == "truncated" else _mask_above(ratio, self.cap)
 
 
-@CORRECTIONS.register
 @dataclass(frozen=True)
-class SeqTIS:
-    name: ClassVar[str] = "seq_tis"
-    needs_rollout_logp: ClassVar[bool] = True
-    needs_old_logp: ClassVar[bool] = True
-    changes: ClassVar[str] = "truncated"
-    cap: float = 2.0
+class _SeqCappedIS(_CappedIS):
     geometric: bool = False  # rho_seq = exp(mean_t log rho_t) instead of the product
 
-    def __post_init__(self):
-        _check_cap(self.name, self.cap)
-
-    def __call__(self, log_rho_BT: Tensor, mask_BT: Tensor) -> CorrectionOut:
-        return _truncate(torch.exp(seq_log_ratio(log_rho_BT, mask_BT, self.geometric)), self.cap)
+    def ratio(self, log_rho_BT: Tensor, mask_BT: Tensor) -> Tensor:
+        return torch.exp(seq_log_ratio(log_rho_BT, mask_BT, self.geometric))
 
 
 @CORRECTIONS.register
 @dataclass(frozen=True)
-class SeqMIS:
-    name: ClassVar[str] = "seq_mis"
-    needs_rollout_logp: ClassVar[bool] = True
-    needs_old_logp: ClassVar[bool] = True
+class TokenTIS(_CappedIS):
+    name: ClassVar[str] = "tis"
+
+
+@CORRECTIONS.register
+@dataclass(frozen=True)
+class TokenMIS(_CappedIS):
+    name: ClassVar[str] = "mis"
     changes: ClassVar[str] = "masked"
-    cap: float = 2.0
-    geometric: bool = False
 
-    def __post_init__(self):
-        _check_cap(self.name, self.cap)
 
-    def __call__(self, log_rho_BT: Tensor, mask_BT: Tensor) -> CorrectionOut:
-        return _mask_above(torch.exp(seq_log_ratio(log_rho_BT, mask_BT, self.geometric)), self.cap)
+@CORRECTIONS.register
+@dataclass(frozen=True)
+class SeqTIS(_SeqCappedIS):
+    name: ClassVar[str] = "seq_tis"
+
+
+@CORRECTIONS.register
+@dataclass(frozen=True)
+class SeqMIS(_SeqCappedIS):
+    name: ClassVar[str] = "seq_mis"
+    changes: ClassVar[str] = "masked"
 
 
 @CORRECTIONS.register

@@ -28,7 +28,8 @@ class StaleEngineError(RuntimeError):
 
 class Cluster:
     world_size: int = 1
-    probe_tolerance: float = 1e-3
+    probe_ids: list[int]  # the sequence every engine scores after a sync (from the workers)
+    probe_tolerance: float  # rollout.probe_tolerance, or the workers' default for their sync dtype
 
     # implemented by subclasses: run a worker method on every rank (same or per-rank arguments)
     def _call_all(self, method: str, *args: Any) -> list[Any]:
@@ -89,7 +90,7 @@ class Cluster:
         (mean absolute log-prob difference) still serves other weights - a sync that silently did
         nothing - and stops the run (StaleEngineError); the others are marked verified."""
         outs = self._call_all("sync_weights")
-        ids = outs[0]["probe_ids"]
+        ids = self.probe_ids
         probe = build_train_batch([(ids, 1)], [int(Source.RL)], [1.0])
         actor = self.compute_logprobs(probe, temperature=1.0)["logp_BT"][0, : len(ids) - 1].double()
         diffs = [(torch.tensor(o["probe_logp"], dtype=torch.float64) - actor).abs() for o in outs]
@@ -108,6 +109,11 @@ class Cluster:
         metrics["rollout/probe_logp_diff_mean_max"] = max(float(d.mean()) for d in diffs)
         metrics["rollout/probe_logp_diff_max"] = max(float(d.max()) for d in diffs)
         return metrics
+
+    def start_engines(self) -> None:
+        """Once the workers are up: learn the probe, and load and verify every engine's first weights."""
+        self.probe_ids, self.probe_tolerance = self._call_all("probe_setup")[0]
+        self.sync_weights()
 
     def profile_begin(self, step: int) -> None:
         """Open the profiling window (profile.steps) on the profiled ranks; no-op elsewhere."""
@@ -143,9 +149,8 @@ class LocalCluster(Cluster):
                 "LocalCluster runs one rank; use the Ray cluster for cluster.devices_per_node > 1"
             )
         self.world_size = 1
-        self.probe_tolerance = probe_tolerance(cfg)
         self.worker = PolicyWorker(cfg, 0, 1, "127.0.0.1", free_port())
-        self.sync_weights()  # the engine serves the actor's initial weights, probe-checked
+        self.start_engines()
 
     def _call_all(self, method: str, *args: Any) -> list[Any]:
         return [getattr(self.worker, method)(*args)]
@@ -157,16 +162,6 @@ class LocalCluster(Cluster):
         from hpt_megatron.distributed import destroy_parallel
 
         destroy_parallel()
-
-
-def probe_tolerance(cfg) -> float:
-    """rollout.probe_tolerance, or by the engines' dtype: fp32 1e-3, bf16/fp16 0.05 (nats/token)."""
-    if cfg.rollout.probe_tolerance is not None:
-        return cfg.rollout.probe_tolerance
-    from hpt_megatron.cluster.worker import model_dtype
-
-    cpu = cfg.cluster.device == "cpu" or (cfg.cluster.device == "auto" and not torch.cuda.is_available())
-    return 1e-3 if cpu or model_dtype(cfg) == torch.float32 else 0.05
 
 
 def make_cluster(cfg) -> Cluster:

@@ -21,7 +21,7 @@ from ray.exceptions import ActorDiedError, RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from hpt_megatron.cluster.base import Cluster, free_port, probe_tolerance
+from hpt_megatron.cluster.base import Cluster, free_port
 
 LOG_TAIL_LINES = 30
 READY_TIMEOUT_S = 600
@@ -119,8 +119,7 @@ class RayCluster(Cluster):
             for r in range(self.world_size)
         ]
         self._get([a.pid.remote() for a in self.actors])  # raises with the log of a rank that failed to start
-        self.probe_tolerance = probe_tolerance(cfg)
-        self.sync_weights()  # every engine serves the actor's initial weights, probe-checked
+        self.start_engines()
 
     def log_path(self, rank: int) -> Path:
         return self.log_dir / f"worker_{rank}.log"

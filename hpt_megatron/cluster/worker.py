@@ -194,9 +194,16 @@ class PolicyWorker:
                 "perf/weight_sync_s": seconds,
                 "perf/weight_sync_bytes": float(self.manifest.total_bytes),
             },
-            "probe_ids": self.probe_ids,
             "probe_logp": self.engine.score(self.probe_ids),
         }
+
+    def probe_setup(self) -> tuple[list[int], float]:
+        """The probe sequence and the tolerance of its mean |log-prob difference|: rollout.probe_tolerance,
+        or 1e-3 nats/token when the engines hold fp32 weights and 0.05 in bf16/fp16."""
+        tol = self.cfg.rollout.probe_tolerance
+        if tol is None:
+            tol = 1e-3 if self.sync_dtype == torch.float32 else 0.05
+        return self.probe_ids, tol
 
     def mark_engine_verified(self) -> None:
         self.engine.mark_verified()

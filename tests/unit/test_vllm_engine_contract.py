@@ -73,7 +73,7 @@ class FakeLLM:
 
 
 CUDA_CAPS = {"cpu": False, "sleep": True, "per_request_seed": True}
-CPU_CAPS = {"cpu": True, "sleep": False, "per_request_seed": False}
+CPU_CAPS = {"cpu": True, "sleep": False, "per_request_seed": False, "head_sizes": [32, 64]}
 
 
 @pytest.fixture
@@ -89,8 +89,8 @@ def fake_vllm(monkeypatch):
     return events
 
 
-def engine_of(**kw):
-    return ve.VLLMEngine("/model", FakeTokenizer(), **kw)
+def engine_of(hf_dir="/model", **kw):
+    return ve.VLLMEngine(str(hf_dir), FakeTokenizer(), **kw)
 
 
 def buckets(bucket_bytes: int):
@@ -139,9 +139,10 @@ def test_step_call_order_and_buckets(fake_vllm):
     assert engine.llm.kwargs["skip_tokenizer_init"]  # detokenized by the trainer's tokenizer
 
 
-def test_cpu_platform_skips_sleep_and_per_request_seeds(fake_vllm, monkeypatch):
+def test_cpu_platform_skips_sleep_and_per_request_seeds(fake_vllm, monkeypatch, tmp_path):
     monkeypatch.setattr(ve, "platform_capabilities", lambda: dict(CPU_CAPS))
-    engine = engine_of()
+    (tmp_path / "config.json").write_text('{"hidden_size": 128, "num_attention_heads": 4}')  # head 32
+    engine = engine_of(tmp_path)
     engine.generate([[1]], SamplingParams(seed=5))
     engine.sleep()
     with pytest.raises(RuntimeError, match="asleep"):

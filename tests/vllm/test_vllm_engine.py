@@ -75,7 +75,10 @@ def sync(s, bucket_tensors: int = 3) -> None:
 
 def test_platform_capabilities_are_asked(served):
     caps = served.engine.caps
-    assert caps == {"cpu": True, "sleep": False, "per_request_seed": False}
+    assert {k: caps[k] for k in ("cpu", "sleep", "per_request_seed")} == {
+        "cpu": True, "sleep": False, "per_request_seed": False
+    }
+    assert 32 in caps["head_sizes"] and 16 not in caps["head_sizes"]
     served.engine.sleep()  # a no-op on CPU, but generation is refused until wake()
     with pytest.raises(RuntimeError, match="asleep"):
         served.engine.generate([[1, 2]], SamplingParams())

@@ -2,6 +2,7 @@
 
     hpt-eval --model runs/hpt/hf --files data/valid.parquet --output-dir runs/hpt/eval
     hpt-eval --model M --files valid.all.parquet --engine vllm --pass-k 1 2 4 8 16 32
+    hpt-eval --model M --files valid.all.parquet --engine vllm --data-parallel 8   # 8 engines, 1 GPU each
     hpt-eval --model M --files valid.parquet --limit 2 --max-new-tokens 64     # a smoke test
 
 Every argument is checked (files, model folder, --samples, --pass-k against the samples) before the
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from hpt_megatron.data.datasets import SUFFIXES
@@ -75,9 +77,19 @@ def build_parser() -> argparse.ArgumentParser:
     add("--device", choices=DEVICES, default="auto", help=_default("auto: cuda when available"))
     add("--dtype", choices=DTYPES, default="auto", help=_default("auto: fp32 on CPU, bf16 on GPU"))
     add(
-        "--batch-size", type=int, default=None, help="completions per engine call (default: hf 64, vllm 1024)"
+        "--batch-size",
+        type=int,
+        default=None,
+        help="completions per generate call, split over the engines (default: hf 64, vllm 1024, x --data-parallel)",
     )
     add("--tp", type=int, default=1, help=_default("vllm: tensor-parallel GPUs"))
+    add(
+        "--data-parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help=_default("engines, each in its own process (--tp GPUs each, or a share of the CPU cores)"),
+    )
     add("--gpu-memory-utilization", type=float, default=0.85, help=_default("vllm: share of GPU memory"))
     add("--workers", type=int, default=2, help=_default("grading processes"))
     add("--grade-timeout", type=float, default=5.0, help=_default("seconds per graded answer"))
@@ -134,7 +146,7 @@ def build_settings(args: argparse.Namespace) -> EvalSettings:
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
         limit=args.limit,
-        batch_size=args.batch_size or DEFAULT_BATCH[args.engine],
+        batch_size=args.batch_size or DEFAULT_BATCH[args.engine] * max(args.data_parallel, 1),
     )
 
 
@@ -180,28 +192,95 @@ def load_tokenizer(args: argparse.Namespace):
     return tokenizer
 
 
-def build_engine(args: argparse.Namespace, tokenizer, device: str, batch_size: int):
-    """The rollout engine; vLLM is imported only when asked for."""
-    dtype = torch_dtype(args.dtype, device)
-    if args.engine == "vllm":
-        from hpt_megatron.rollout import vllm_engine
+@dataclass(frozen=True)
+class EngineSpec:
+    """How to build the rollout engine: picklable, so ``--data-parallel`` builds each engine in its
+    own process by calling the spec with the engine's rank."""
 
-        if not vllm_engine.HAVE_VLLM:
-            raise ValueError(f"--engine vllm needs vLLM ({vllm_engine.CPU_INSTALL_HINT}); or use --engine hf")
-        return vllm_engine.VLLMEngine(
-            str(args.model),
-            tokenizer,
-            tp=args.tp,
-            gpu_memory_utilization=args.gpu_memory_utilization,
-            dtype=str(dtype).removeprefix("torch."),
-            seed=args.seed,
+    engine: str
+    model: str
+    tokenizer: str
+    device: str
+    dtype: str
+    batch_size: int
+    tp: int = 1
+    gpu_memory_utilization: float = 0.85
+    seed: int = 0
+
+    def __call__(self, rank: int = 0):
+        """The engine of data-parallel rank ``rank``; vLLM is imported only when asked for."""
+        from hpt_megatron.data.tokenizer import load_hf_tokenizer
+
+        tokenizer = load_hf_tokenizer(self.tokenizer)
+        dtype = torch_dtype(self.dtype, self.device)
+        if self.engine == "vllm":
+            from hpt_megatron.rollout import vllm_engine
+
+            if not vllm_engine.HAVE_VLLM:
+                raise ValueError(
+                    f"--engine vllm needs vLLM ({vllm_engine.CPU_INSTALL_HINT}); or use --engine hf"
+                )
+            # the engine-level seed matters only where requests cannot carry their own (CPU)
+            return vllm_engine.VLLMEngine(
+                self.model,
+                tokenizer,
+                tp=self.tp,
+                gpu_memory_utilization=self.gpu_memory_utilization,
+                dtype=str(dtype).removeprefix("torch."),
+                seed=self.seed + 7919 * rank,
+            )
+        from transformers import AutoModelForCausalLM
+
+        from hpt_megatron.rollout.hf_engine import HFEngine
+
+        model = AutoModelForCausalLM.from_pretrained(self.model, dtype=dtype)
+        return HFEngine(model, tokenizer, self.device, max_batch=self.batch_size)
+
+
+def engine_spec(args: argparse.Namespace, device: str, batch_size: int) -> EngineSpec:
+    return EngineSpec(
+        engine=args.engine,
+        model=str(args.model),
+        tokenizer=str(args.tokenizer or args.model),
+        device=device,
+        dtype=args.dtype,
+        batch_size=batch_size,
+        tp=args.tp,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        seed=args.seed,
+    )
+
+
+def check_data_parallel(args: argparse.Namespace, device: str) -> None:
+    """Enough devices for --data-parallel x --tp, before any engine starts."""
+    import os
+
+    import torch
+
+    n = args.data_parallel
+    if n < 1:
+        raise ValueError(f"--data-parallel {n}: need >= 1 engines")
+    if device == "cuda":
+        have, need = torch.cuda.device_count(), n * (args.tp if args.engine == "vllm" else 1)
+        if need > have:
+            raise ValueError(
+                f"--data-parallel {n} x --tp {args.tp} needs {need} GPUs, torch sees {have}; lower --data-parallel"
+            )
+    elif n > (os.cpu_count() or 1):
+        raise ValueError(
+            f"--data-parallel {n} on CPU: more engines than the {os.cpu_count()} cores; lower --data-parallel"
         )
-    from transformers import AutoModelForCausalLM
 
-    from hpt_megatron.rollout.hf_engine import HFEngine
 
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
-    return HFEngine(model, tokenizer, device, max_batch=batch_size)
+def build_engine(args: argparse.Namespace, device: str, batch_size: int):
+    """One engine in this process, or --data-parallel engines in their own processes."""
+    spec = engine_spec(args, device, batch_size)
+    if args.data_parallel == 1:
+        return spec()
+    from hpt_megatron.cluster.engine_pool import EnginePool
+
+    gpus = (args.tp if args.engine == "vllm" else 1) if device == "cuda" else 0
+    return EnginePool(spec, args.data_parallel, gpus_per_engine=gpus)
 
 
 def run(args: argparse.Namespace) -> Path:
@@ -225,15 +304,22 @@ def run(args: argparse.Namespace) -> Path:
         system_prompt=args.system_prompt,
         default_system_prompt=args.default_system_prompt or None,
     )
-    engine = build_engine(args, tokenizer, device, settings.batch_size)
+    check_data_parallel(args, device)
+    engine = build_engine(args, device, settings.batch_size)
     grading = GradeConfig(choice_by_letter=args.choice_by_letter)
-    with Verifier(num_workers=args.workers, timeout_s=args.grade_timeout, config=grading) as verifier:
-        result = evaluate(problems, engine=engine, builder=builder, verifier=verifier, settings=settings)
+    try:
+        with Verifier(num_workers=args.workers, timeout_s=args.grade_timeout, config=grading) as verifier:
+            result = evaluate(problems, engine=engine, builder=builder, verifier=verifier, settings=settings)
+    finally:
+        close = getattr(engine, "close", None)
+        if close is not None:
+            close()
     out_dir = args.output_dir or args.model / "eval"
     extra = {
         "model_path": str(args.model),
         "files": [str(f) for f in args.files],
         "engine": args.engine,
+        "data_parallel": args.data_parallel,
         "device": device,
         "dtype": args.dtype,
         "template": args.template,

@@ -8,7 +8,7 @@ recomputes, so their difference measures the train/rollout mismatch and nothing 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from hpt_megatron.convert.export import Bucket  # one definition, re-exported here
@@ -58,6 +58,19 @@ class Completion:
     text: str
     logprobs: list[float] = field(default_factory=list)  # one per token, under the sampling policy
     finish_reason: str = "length"  # "stop" (EOS or a stop string) or "length"
+
+
+def split_prompts(
+    prompts: list[list[int]], params: SamplingParams, parts: int
+) -> list[tuple[list[list[int]], SamplingParams]]:
+    """``prompts`` in ``parts`` contiguous shards of near-equal size, each with the sampling
+    parameters of its place in the whole list (the prompt offset fixes every sample's seed), so the
+    shards' completions, concatenated, are what one engine would return for the whole list."""
+    bounds = [len(prompts) * r // parts for r in range(parts + 1)]
+    return [
+        (prompts[bounds[r] : bounds[r + 1]], replace(params, prompt_offset=params.prompt_offset + bounds[r]))
+        for r in range(parts)
+    ]
 
 
 class RolloutEngine(Protocol):

@@ -157,6 +157,23 @@ def test_one_sample_everywhere_writes_no_plot(model_dir, eval_file, tmp_path):
     assert len(read_jsonl(out / "samples.jsonl")) == 2  # one problem of each source, one sample each
 
 
+def test_data_parallel_engines_sample_what_one_engine_samples(model_dir, eval_file, tmp_path):
+    """Two engines in their own processes, prompts split between them: every sample's seed comes from
+    its global prompt index, so the samples (and everything computed from them) equal one engine's."""
+    outs = {}
+    for n in (1, 2):
+        out = tmp_path / f"dp{n}"
+        argv = [*base_args(model_dir, eval_file, out), "--samples", "synth=4", "--pass-k", "1", "2"]
+        argv += ["--max-new-tokens", "10", "--workers", "1", "--device", "cpu", "--data-parallel", str(n)]
+        assert eval_main(argv) == 0
+        outs[n] = read_jsonl(out / "samples.jsonl")
+        assert json.loads((out / "results.json").read_text())["settings"]["data_parallel"] == n
+    assert len(outs[1]) == 4 * 3 + 2
+    assert len({s["response"] for s in outs[1]}) == 2  # sampled, not one fixed answer
+    assert [s["response"] for s in outs[2]] == [s["response"] for s in outs[1]]
+    assert [(s["problem"], s["correct"]) for s in outs[2]] == [(s["problem"], s["correct"]) for s in outs[1]]
+
+
 def error_of(argv: list[str], capsys) -> str:
     assert eval_main(argv) == 2
     return capsys.readouterr().err
@@ -175,6 +192,11 @@ def error_of(argv: list[str], capsys) -> str:
             marks=pytest.mark.skipif(HAVE_VLLM, reason="vLLM is installed: the engine starts (tests/vllm)"),
         ),
         (["--limit", "0"], r"limit must be >= 1"),
+        (["--data-parallel", "0", "--device", "cpu"], r"--data-parallel 0: need >= 1 engines"),
+        (
+            ["--data-parallel", "999", "--device", "cpu"],
+            r"--data-parallel 999 on CPU: more engines than .*lower",
+        ),
     ],
 )
 def test_bad_options_name_the_flag_and_the_fix(model_dir, eval_file, tmp_path, capsys, extra, expected):

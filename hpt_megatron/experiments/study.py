@@ -1,0 +1,380 @@
+"""The toy study: does HPT beat SFT, GRPO, SFT->GRPO, LUFFY and SRFT when the base model already
+solves part of the task (the paper's premise)?
+
+    python -m hpt_megatron.experiments.study --out runs/study            # everything; resumable
+    python -m hpt_megatron.experiments.study --out runs/study --report   # tables and plot from what ran
+    python -m hpt_megatron.experiments.study --out runs/study --quick    # a smoke run of every stage
+
+1. **Base model.** The tiny Qwen2 shape of configs/tiny_cpu.yaml, trained by SFT on an easier related
+   distribution (one-operation problems) and cached in ``OUT/base``. It solves the one-step part of
+   the task and rarely the two- and three-step rest, so its rollouts succeed on some prompts and
+   fail on others, as Qwen2.5-Math's do on MATH.
+2. **Post-training.** Every method starts from that base under one budget (steps, prompts per
+   step, rollouts per prompt, optimizer): SFT, GRPO, SFT->GRPO (half the steps each), LUFFY, SRFT and
+   HPT (released losses, SFT iff no rollout of a prompt is correct), each at every learning rate of
+   ``--lrs`` and every seed of ``--seeds``. The learning rate of each method is chosen on the
+   validation split (greedy accuracy at the end, mean over seeds); its results are reported on a
+   separate test split.
+3. **Gate ablation.** HPT with the switch threshold gamma = 0, 1, 2 (of 4 rollouts), at HPT's chosen
+   learning rate: accuracy and the fraction of prompts trained by SFT.
+4. **Metrics.** Greedy held-out accuracy over training; on the test split, pass@k for k = 1 .. 16
+   from 16 samples per problem at the rollout temperature (``hpt-eval``, unbiased estimator).
+
+Every run lives in its own directory with a ``summary.json`` written last: a re-run skips finished
+runs and resumes unfinished ones from their checkpoints. Writes ``results.md``, ``results.json`` and
+``study.png`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from hpt_megatron.observability.metrics import read_jsonl
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPE = ROOT / "configs" / "tiny_cpu.yaml"
+METHODS = ("sft", "grpo", "sft_then_grpo", "luffy", "srft", "hpt")
+GAMMAS = (0, 1, 2)
+PASS_K = (1, 2, 4, 8, 16)
+TASK = "{train: 20000, val: 200, seed: 0, min_steps: 1, max_steps: 3, max_value: 12, max_start: 9, max_operand: 5}"
+BASE_TASK = "{train: 10000, val: 200, seed: 1, min_steps: 1, max_steps: 1, max_value: 12, max_start: 9, max_operand: 5}"
+LENGTHS = ("data.max_response_len=64", "rollout.max_new_tokens=48", "eval.max_new_tokens=48")
+
+
+@dataclass(frozen=True)
+class Budget:
+    base_steps: int = 200
+    base_prompts_per_step: int = 128
+    steps: int = 100
+    prompts_per_step: int = 64
+    eval_every: int = 25
+    test_problems: int = 200
+    samples: int = 16
+
+    @classmethod
+    def quick(cls) -> Budget:
+        return cls(
+            base_steps=4,
+            base_prompts_per_step=8,
+            steps=4,
+            prompts_per_step=8,
+            eval_every=2,
+            test_problems=8,
+            samples=4,
+        )
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    method: str
+    lr: float
+    seed: int
+    gamma: int = 0  # HPT's switch threshold (rollouts of 4 that may be correct while still SFT)
+
+    @property
+    def name(self) -> str:
+        gate = f"_g{self.gamma}" if self.method == "hpt" else ""
+        return f"{self.method}{gate}_lr{self.lr:g}_s{self.seed}"
+
+
+def method_overrides(spec: RunSpec, steps: int) -> list[str]:
+    """How each method differs from the shared recipe."""
+    if spec.method == "hpt":
+        return [f"algo={{preset: hpt_official, gate: {{gamma: {spec.gamma}}}}}"]
+    if spec.method == "sft_then_grpo":
+        half = steps // 2
+        phases = (
+            f"[{{name: sft, steps: {half}, algo: {{preset: sft}}}}, "
+            f"{{name: grpo, steps: {steps - half}, algo: {{preset: grpo}}}}]"
+        )
+        return [f"trainer.phases={phases}", "algo={preset: grpo}"]
+    return [f"algo={{preset: {spec.method}}}"]
+
+
+def hpt_train(run_dir: Path, overrides: list[str], log: Path) -> None:
+    cmd = [sys.executable, "-m", "hpt_megatron.cli", str(RECIPE), f"trainer.output_dir={run_dir}"]
+    cmd += ["logging.progress=false", *LENGTHS, *overrides, "--resume", "auto"]
+    with log.open("a") as f:
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"training in {run_dir} failed (exit {proc.returncode}); see {log}")
+
+
+def hpt_eval(model: Path, files: Path, out: Path, budget: Budget, temperature: float, log: Path) -> dict:
+    """pass@k on ``files`` from ``budget.samples`` samples per problem."""
+    ks = [k for k in PASS_K if k <= budget.samples]
+    cmd = [
+        sys.executable,
+        "-c",
+        "import sys; from hpt_megatron.cli import eval_main; sys.exit(eval_main(sys.argv[1:]))",
+        "--model", str(model), "--files", str(files), "--output-dir", str(out), "--device", "cpu",
+        "--default-samples", str(budget.samples), "--pass-k", *map(str, ks),
+        "--temperature", str(temperature), "--top-p", "1.0", "--max-new-tokens", "48",
+        "--default-system-prompt", "", "--workers", "1",
+    ]  # fmt: skip
+    with log.open("a") as f:
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"evaluating {model} failed (exit {proc.returncode}); see {log}")
+    (source,) = json.loads((out / "results.json").read_text())["sources"].values()
+    return {"accuracy": source["accuracy"], "pass_at_k": source["pass_at_k"]}  # keys: str(k)
+
+
+def write_test_split(out: Path, budget: Budget) -> Path:
+    """Held-out problems of the target task drawn with another seed: never trained on (the
+    generator assigns problems to splits by their content), never used to choose a learning rate."""
+    from hpt_megatron.data import write_rows
+    from hpt_megatron.data.synthetic import Difficulty, generate_problems, problem_to_row
+
+    path = out / "test.parquet"
+    if not path.exists():
+        difficulty = Difficulty(min_steps=1, max_steps=3, max_value=12, max_start=9, max_operand=5)
+        problems = generate_problems(budget.test_problems, split="val", seed=1000, difficulty=difficulty)
+        write_rows([problem_to_row(p, split="val", index=i) for i, p in enumerate(problems)], path)
+    return path
+
+
+# ---- stages -----------------------------------------------------------------------------------------
+
+
+def train_base(out: Path, budget: Budget) -> Path:
+    """SFT on one-step problems; the exported Hugging Face folder is the base of every run."""
+    run_dir = out / "base"
+    if not (run_dir / "summary.json").exists():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        overrides = [
+            f"data.synthetic={BASE_TASK}", "algo={preset: sft}", f"trainer.total_steps={budget.base_steps}",
+            f"trainer.prompts_per_step={budget.base_prompts_per_step}",
+            f"trainer.mini_batch_prompts={budget.base_prompts_per_step}", "trainer.eval_every=0",
+            "trainer.save_every=50", "trainer.eval_before_train=false",
+        ]  # fmt: skip
+        hpt_train(run_dir, overrides, run_dir / "train.log")
+        (run_dir / "summary.json").write_text(json.dumps({"steps": budget.base_steps}))
+    return run_dir / "hf"
+
+
+def post_train(out: Path, base: Path, spec: RunSpec, budget: Budget, test: Path) -> dict:
+    run_dir = out / "runs" / spec.name
+    summary = run_dir / "summary.json"
+    if summary.exists():
+        return json.loads(summary.read_text())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    overrides = [
+        f"model.path={base}", f"data.synthetic={TASK}", f"optim.lr={spec.lr}", f"optim.min_lr={spec.lr / 10}",
+        f"trainer.seed={spec.seed}", f"trainer.total_steps={budget.steps}",
+        f"trainer.prompts_per_step={budget.prompts_per_step}",
+        f"trainer.mini_batch_prompts={budget.prompts_per_step}", f"trainer.eval_every={budget.eval_every}",
+        "trainer.save_every=25", *method_overrides(spec, budget.steps),
+    ]  # fmt: skip
+    hpt_train(run_dir, overrides, run_dir / "train.log")
+    minutes = (time.time() - start) / 60
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    test_metrics = hpt_eval(run_dir / "hf", test, run_dir / "eval_test", budget, 1.0, run_dir / "eval.log")
+    result = {
+        **asdict(spec),
+        "name": spec.name,
+        "val_curve": [(r["step"], r["eval/accuracy"]) for r in records if "eval/accuracy" in r],
+        "sft_fraction": [(r["step"], r["hpt/sft_fraction"]) for r in records if "hpt/sft_fraction" in r],
+        "test": test_metrics,
+        "minutes": minutes,
+    }
+    summary.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def base_metrics(out: Path, base: Path, budget: Budget, test: Path) -> dict:
+    path = out / "base" / "test_metrics.json"
+    if not path.exists():
+        metrics = hpt_eval(base, test, out / "base" / "eval_test", budget, 1.0, out / "base" / "eval.log")
+        path.write_text(json.dumps(metrics))
+    return json.loads(path.read_text())
+
+
+# ---- report -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Group:
+    """The runs of one method (and gate threshold) at one learning rate, one per seed."""
+
+    method: str
+    lr: float
+    gamma: int
+    runs: list[dict] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return f"hpt (gamma {self.gamma})" if self.method == "hpt" else self.method
+
+    def final_val(self) -> list[float]:
+        return [r["val_curve"][-1][1] for r in self.runs if r["val_curve"]]
+
+    def test(self, k: int) -> list[float]:
+        return [r["test"]["pass_at_k"][str(k)] for r in self.runs]
+
+
+def group_runs(results: list[dict]) -> list[Group]:
+    groups: dict[tuple, Group] = {}
+    for r in results:
+        key = (r["method"], r["lr"], r["gamma"] if r["method"] == "hpt" else 0)
+        groups.setdefault(key, Group(*key)).runs.append(r)
+    return list(groups.values())
+
+
+def choose_lr(groups: list[Group]) -> dict[tuple[str, int], Group]:
+    """Per method (and gamma), the learning rate with the best mean final validation accuracy."""
+    best: dict[tuple[str, int], Group] = {}
+    for g in groups:
+        key = (g.method, g.gamma)
+        if g.final_val() and (key not in best or mean(g.final_val()) > mean(best[key].final_val())):
+            best[key] = g
+    return best
+
+
+def mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def spread(xs: list[float]) -> str:
+    if not xs:
+        return "-"
+    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    return f"{mean(xs):.3f} ± {sd:.3f}"
+
+
+def markdown(best: dict, base: dict, budget: Budget, ks: tuple[int, ...]) -> str:
+    head = (
+        "| method | lr | seeds | val acc (greedy) | "
+        + " | ".join(f"test pass@{k}" for k in ks)
+        + " | SFT frac |"
+    )
+    lines = [head, "|" + "---|" * (5 + len(ks))]
+    base_cells = " | ".join(f"{base['pass_at_k'][str(k)]:.3f}" for k in ks)
+    lines.append(f"| base (before post-training) | - | - | - | {base_cells} | - |")
+    for (method, gamma), g in sorted(best.items(), key=lambda kv: -mean(kv[1].test(1))):
+        if method == "hpt" and gamma != 0:
+            continue
+        sft = [r["sft_fraction"][-1][1] for r in g.runs if r["sft_fraction"]]
+        cells = " | ".join(spread(g.test(k)) for k in ks)
+        lines.append(
+            f"| {g.label} | {g.lr:g} | {len(g.runs)} | {spread(g.final_val())} | {cells} | {mean(sft):.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def ablation_markdown(groups: list[Group], hpt_lr: float) -> str:
+    lines = [
+        "| gamma | seeds | val acc (greedy) | test pass@1 | SFT fraction (first / last step) |",
+        "|---|---|---|---|---|",
+    ]
+    for g in sorted((g for g in groups if g.method == "hpt" and g.lr == hpt_lr), key=lambda g: g.gamma):
+        first = [r["sft_fraction"][0][1] for r in g.runs if r["sft_fraction"]]
+        last = [r["sft_fraction"][-1][1] for r in g.runs if r["sft_fraction"]]
+        lines.append(
+            f"| {g.gamma} | {len(g.runs)} | {spread(g.final_val())} | {spread(g.test(1))} | "
+            f"{mean(first):.2f} / {mean(last):.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(best: dict, base: dict, ks: tuple[int, ...], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    ax1.plot(ks, [base["pass_at_k"][str(k)] for k in ks], "k--", label="base")
+    for (method, gamma), g in sorted(best.items()):
+        if method == "hpt" and gamma != 0:
+            continue
+        ax1.plot(ks, [mean(g.test(k)) for k in ks], marker="o", label=g.label)
+        steps = [s for s, _ in g.runs[0]["val_curve"]]
+        curves = [[a for _, a in r["val_curve"]] for r in g.runs if len(r["val_curve"]) == len(steps)]
+        ax2.plot(steps, [mean(list(c)) for c in zip(*curves)], marker=".", label=g.label)
+    ax1.set(title="test pass@k (16 samples, T = 1)", xlabel="k", xscale="log", ylim=(-0.02, 1.02))
+    ax1.set_xticks(list(ks), [str(k) for k in ks])
+    ax2.set(title="validation accuracy (greedy, mean over seeds)", xlabel="step", ylim=(-0.02, 1.02))
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(out: Path, budget: Budget) -> str:
+    results = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/summary.json"))]
+    base = json.loads((out / "base" / "test_metrics.json").read_text())
+    ks = tuple(k for k in PASS_K if k <= budget.samples)
+    groups = group_runs(results)
+    best = choose_lr(groups)
+    text = [
+        f"Post-training budget: {budget.steps} steps x {budget.prompts_per_step} prompts x 4 rollouts.",
+        "",
+    ]
+    text += [markdown(best, base, budget, ks), ""]
+    if ("hpt", 0) in best:
+        text += [
+            "Gate ablation (HPT at its chosen learning rate):",
+            "",
+            ablation_markdown(groups, best["hpt", 0].lr),
+        ]
+    md = "\n".join(text) + "\n"
+    (out / "results.md").write_text(md)
+    (out / "results.json").write_text(
+        json.dumps({"budget": asdict(budget), "base": base, "runs": results}, indent=1)
+    )
+    plot(best, base, ks, out / "study.png")
+    return md
+
+
+# ---- the study --------------------------------------------------------------------------------------
+
+
+def plan(methods: list[str], lrs: list[float], seeds: list[int]) -> list[RunSpec]:
+    """Every method at every learning rate and seed, then the gate ablation (gamma 1 and 2) at every
+    learning rate (the chosen one is known only afterwards; the cost is two more HPT columns)."""
+    specs = [RunSpec(m, lr, s) for m in methods for lr in lrs for s in seeds]
+    if "hpt" in methods:
+        specs += [RunSpec("hpt", lr, s, gamma) for gamma in GAMMAS[1:] for lr in lrs for s in seeds]
+    return specs
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=Path("runs/study"))
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--lrs", nargs="+", type=float, default=[1e-3, 3e-3])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--quick", action="store_true", help="a few steps per stage: checks the pipeline only")
+    p.add_argument(
+        "--report", action="store_true", help="only rebuild the tables and plot from finished runs"
+    )
+    args = p.parse_args(argv)
+    budget = Budget.quick() if args.quick else Budget()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not args.report:
+        from tqdm import tqdm
+
+        test = write_test_split(args.out, budget)
+        base = train_base(args.out, budget)
+        base_metrics(args.out, base, budget, test)
+        specs = plan(args.methods, args.lrs, args.seeds)
+        for spec in tqdm(specs, desc="study", unit="run"):
+            post_train(args.out, base, spec, budget, test)
+            report(args.out, budget)
+    print(report(args.out, budget))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

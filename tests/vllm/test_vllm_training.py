@@ -80,22 +80,25 @@ def test_two_ray_workers_each_hold_a_vllm_engine(tmp_path):
 
 
 def test_hpt_eval_on_vllm_matches_hf_greedy(tmp_path):
-    """Greedy decoding of the same exported model by both engines: same completions, same grades."""
+    """Greedy decoding of the same exported model by both engines, and by two vLLM engines splitting
+    the prompts (--data-parallel 2): same completions, same grades."""
     run = tmp_path / "run"
     res = hpt_train(run, 2)
     assert res.returncode == 0, res.stderr[-3000:]
     val = run / "data" / "val.parquet"
     outs = {}
-    for engine in ("hf", "vllm"):
-        out = tmp_path / f"eval_{engine}"
+    for engine, dp in (("hf", 1), ("vllm", 1), ("vllm", 2)):
+        out = tmp_path / f"eval_{engine}_{dp}"
         cmd = [
             sys.executable, "-c", EVAL, "--model", str(run / "hf"), "--files", str(val),
             "--engine", engine, "--temperature", "0", "--max-new-tokens", "32", "--default-system-prompt", "",
             "--output-dir", str(out), "--device", "cpu", "--limit", "16", "--pass-k", "1",
+            "--data-parallel", str(dp),
         ]
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
-        outs[engine] = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
-    assert len(outs["hf"]) == len(outs["vllm"]) == 16
-    for a, b in zip(outs["hf"], outs["vllm"]):
-        assert a["response"] == b["response"] and a["correct"] == b["correct"]
+        outs[engine, dp] = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    hf = outs["hf", 1]
+    assert len(hf) == 16
+    for key in (("vllm", 1), ("vllm", 2)):  # one engine, and two engines in their own processes
+        assert [(s["response"], s["correct"]) for s in outs[key]] == [(s["response"], s["correct"]) for s in hf]

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -144,10 +145,23 @@ def write_test_split(out: Path, budget: Budget) -> Path:
 # ---- stages -----------------------------------------------------------------------------------------
 
 
+def weights_sha(hf_dir: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(hf_dir.glob("*.safetensors")):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def train_base(out: Path, budget: Budget) -> Path:
-    """SFT on one-step problems; the exported Hugging Face folder is the base of every run."""
+    """SFT on one-step problems; the exported Hugging Face folder is the base of every run. A study
+    directory copied without its base (only the JSON results) rebuilds it and checks it is the same
+    model (CPU training is deterministic at a fixed thread count)."""
     run_dir = out / "base"
-    if not (run_dir / "summary.json").exists():
+    summary = run_dir / "summary.json"
+    recorded = json.loads(summary.read_text()).get("sha") if summary.exists() else None
+    if recorded is None or not (run_dir / "hf" / "config.json").exists():
         run_dir.mkdir(parents=True, exist_ok=True)
         overrides = [
             f"data.synthetic={BASE_TASK}", "algo={preset: sft}", f"trainer.total_steps={budget.base_steps}",
@@ -156,7 +170,14 @@ def train_base(out: Path, budget: Budget) -> Path:
             "trainer.save_every=50", "trainer.eval_before_train=false",
         ]  # fmt: skip
         hpt_train(run_dir, overrides, run_dir / "train.log")
-        (run_dir / "summary.json").write_text(json.dumps({"steps": budget.base_steps}))
+        sha = weights_sha(run_dir / "hf")
+        if recorded is not None and sha != recorded:
+            raise RuntimeError(
+                f"{run_dir}: the rebuilt base model (weights {sha}) differs from the one the recorded runs "
+                f"started from ({recorded}); another torch version or thread count changes training. Move "
+                f"{out / 'runs'} away to start the study over."
+            )
+        summary.write_text(json.dumps({"steps": budget.base_steps, "sha": sha}))
     return run_dir / "hf"
 
 
@@ -181,6 +202,7 @@ def post_train(out: Path, base: Path, spec: RunSpec, budget: Budget, test: Path)
     result = {
         **asdict(spec),
         "name": spec.name,
+        "base_sha": json.loads((base.parent / "summary.json").read_text())["sha"],
         "val_curve": [(r["step"], r["eval/accuracy"]) for r in records if "eval/accuracy" in r],
         "sft_fraction": [(r["step"], r["hpt/sft_fraction"]) for r in records if "hpt/sft_fraction" in r],
         "test": test_metrics,
@@ -229,12 +251,18 @@ def group_runs(results: list[dict]) -> list[Group]:
     return list(groups.values())
 
 
-def choose_lr(groups: list[Group]) -> dict[tuple[str, int], Group]:
-    """Per method (and gamma), the learning rate with the best mean final validation accuracy."""
+def choose_lr(groups: list[Group], sweep_seed: int | None) -> dict[tuple[str, int], Group]:
+    """Per method (and gamma), the learning rate with the best final validation accuracy of the
+    sweep's seed (the other seeds run only at the chosen rate, so they must not change the choice)."""
+
+    def score(g: Group) -> float:
+        picked = [r for r in g.runs if sweep_seed is None or r["seed"] == sweep_seed]
+        return mean([r["val_curve"][-1][1] for r in picked if r["val_curve"]])
+
     best: dict[tuple[str, int], Group] = {}
     for g in groups:
         key = (g.method, g.gamma)
-        if g.final_val() and (key not in best or mean(g.final_val()) > mean(best[key].final_val())):
+        if not math.isnan(score(g)) and (key not in best or score(g) > score(best[key])):
             best[key] = g
     return best
 
@@ -311,17 +339,39 @@ def plot(best: dict, base: dict, ks: tuple[int, ...], path: Path) -> None:
     plt.close(fig)
 
 
-def report(out: Path, budget: Budget) -> str:
-    results = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/summary.json"))]
+def sweep_markdown(groups: list[Group], sweep_seed: int | None) -> str:
+    """Final validation accuracy of every (method, learning rate) for the sweep's seed."""
+    lrs = sorted({g.lr for g in groups})
+    cell = {(g.label, g.lr): [r["val_curve"][-1][1] for r in g.runs if r["seed"] == sweep_seed or sweep_seed is None]
+            for g in groups if g.method != "hpt" or g.gamma == 0}  # fmt: skip
+    labels = sorted({label for label, _ in cell})
+    lines = ["| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
+    for label in labels:
+        vals = [cell.get((label, lr)) for lr in lrs]
+        lines.append(f"| {label} | " + " | ".join(f"{v[0]:.3f}" if v else "-" for v in vals) + " |")
+    return "\n".join(lines)
+
+
+def report(out: Path, budget: Budget, sweep_seed: int | None = 0) -> str:
+    results = finished(out)
+    bases = {r.get("base_sha") for r in results}
+    if len(bases) > 1:
+        raise RuntimeError(f"{out}/runs holds runs of {len(bases)} different base models; keep one set")
     base = json.loads((out / "base" / "test_metrics.json").read_text())
     ks = tuple(k for k in PASS_K if k <= budget.samples)
     groups = group_runs(results)
-    best = choose_lr(groups)
+    best = choose_lr(groups, sweep_seed)
     text = [
-        f"Post-training budget: {budget.steps} steps x {budget.prompts_per_step} prompts x 4 rollouts.",
+        f"Post-training budget: {budget.steps} steps x {budget.prompts_per_step} prompts x 4 rollouts; "
+        f"test: {budget.test_problems} problems x {budget.samples} samples at T = 1.",
+        "",
+        markdown(best, base, budget, ks),
+        "",
+        f"Learning-rate sweep (validation accuracy, greedy, final step, seed {sweep_seed}):",
+        "",
+        sweep_markdown(groups, sweep_seed),
         "",
     ]
-    text += [markdown(best, base, budget, ks), ""]
     if ("hpt", 0) in best:
         text += [
             "Gate ablation (HPT at its chosen learning rate):",
@@ -330,9 +380,8 @@ def report(out: Path, budget: Budget) -> str:
         ]
     md = "\n".join(text) + "\n"
     (out / "results.md").write_text(md)
-    (out / "results.json").write_text(
-        json.dumps({"budget": asdict(budget), "base": base, "runs": results}, indent=1)
-    )
+    record = {"budget": asdict(budget), "base": base, "runs": results}
+    (out / "results.json").write_text(json.dumps(record, indent=1))
     plot(best, base, ks, out / "study.png")
     return md
 
@@ -340,13 +389,30 @@ def report(out: Path, budget: Budget) -> str:
 # ---- the study --------------------------------------------------------------------------------------
 
 
-def plan(methods: list[str], lrs: list[float], seeds: list[int]) -> list[RunSpec]:
-    """Every method at every learning rate and seed, then the gate ablation (gamma 1 and 2) at every
-    learning rate (the chosen one is known only afterwards; the cost is two more HPT columns)."""
-    specs = [RunSpec(m, lr, s) for m in methods for lr in lrs for s in seeds]
+def sweep(methods: list[str], lrs: list[float], seed: int) -> list[RunSpec]:
+    """Phase 1: every method at every learning rate, one seed."""
+    return [RunSpec(m, lr, seed) for m in methods for lr in lrs]
+
+
+def at_chosen_lr(best: dict, methods: list[str], seeds: list[int]) -> list[RunSpec]:
+    """Phase 2: each method at its chosen learning rate, every seed; phase 3, the gate ablation
+    (gamma 1 and 2) at HPT's."""
+    specs = [RunSpec(m, best[m, 0].lr, s) for m in methods for s in seeds]
     if "hpt" in methods:
-        specs += [RunSpec("hpt", lr, s, gamma) for gamma in GAMMAS[1:] for lr in lrs for s in seeds]
+        specs += [RunSpec("hpt", best["hpt", 0].lr, s, gamma) for gamma in GAMMAS[1:] for s in seeds]
     return specs
+
+
+def finished(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/summary.json"))]
+
+
+def run_specs(out: Path, base: Path, specs: list[RunSpec], budget: Budget, test: Path, desc: str) -> None:
+    from tqdm import tqdm
+
+    for spec in tqdm(specs, desc=desc, unit="run"):
+        post_train(out, base, spec, budget, test)
+        report(out, budget, spec.seed if desc == "lr sweep" else None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -354,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("runs/study"))
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--lrs", nargs="+", type=float, default=[1e-3, 3e-3])
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="the first one runs the LR sweep")
     p.add_argument("--quick", action="store_true", help="a few steps per stage: checks the pipeline only")
     p.add_argument(
         "--report", action="store_true", help="only rebuild the tables and plot from finished runs"
@@ -363,16 +429,13 @@ def main(argv: list[str] | None = None) -> int:
     budget = Budget.quick() if args.quick else Budget()
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.report:
-        from tqdm import tqdm
-
         test = write_test_split(args.out, budget)
         base = train_base(args.out, budget)
         base_metrics(args.out, base, budget, test)
-        specs = plan(args.methods, args.lrs, args.seeds)
-        for spec in tqdm(specs, desc="study", unit="run"):
-            post_train(args.out, base, spec, budget, test)
-            report(args.out, budget)
-    print(report(args.out, budget))
+        run_specs(args.out, base, sweep(args.methods, args.lrs, args.seeds[0]), budget, test, "lr sweep")
+        best = choose_lr(group_runs(finished(args.out)), args.seeds[0])
+        run_specs(args.out, base, at_chosen_lr(best, args.methods, args.seeds), budget, test, "seeds")
+    print(report(args.out, budget, args.seeds[0]))
     return 0
 
 

@@ -5,32 +5,45 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from hpt_megatron.experiments import study
 
 
 def fake_run(method: str, lr: float, seed: int, val: float, test1: float, gamma: int = 0) -> dict:
     spec = study.RunSpec(method, lr, seed, gamma)
     return {
-        "method": method, "lr": lr, "seed": seed, "gamma": gamma, "name": spec.name,
+        "method": method, "lr": lr, "seed": seed, "gamma": gamma, "name": spec.name, "base_sha": "b",
         "val_curve": [[0, 0.0], [10, val]], "sft_fraction": [[1, 1.0], [10, 0.25]],
         "test": {"accuracy": test1, "pass_at_k": {"1": test1, "2": min(1.0, 2 * test1)}},
         "minutes": 1.0,
     }  # fmt: skip
 
 
-def test_plan_covers_every_method_lr_seed_and_the_gate_ablation():
-    specs = study.plan(["sft", "hpt"], [1e-3, 3e-3], [0, 1, 2])
-    assert len(specs) == 2 * 2 * 3 + 2 * 2 * 3  # methods x lrs x seeds, then gamma 1 and 2 for HPT
-    assert len({s.name for s in specs}) == len(specs)
-    assert {s.gamma for s in specs if s.method == "hpt"} == {0, 1, 2}
+def test_the_sweep_runs_one_seed_then_the_chosen_rates_run_every_seed_and_the_ablation():
+    lrs, seeds = [1e-3, 3e-3], [0, 1, 2]
+    phase1 = study.sweep(["sft", "hpt"], lrs, seeds[0])
+    assert {(s.method, s.lr, s.seed) for s in phase1} == {(m, lr, 0) for m in ("sft", "hpt") for lr in lrs}
+    runs = [fake_run("sft", 1e-3, 0, val=0.2, test1=0.5), fake_run("sft", 3e-3, 0, val=0.4, test1=0.1)]
+    runs += [fake_run("hpt", 1e-3, 0, val=0.6, test1=0.1), fake_run("hpt", 3e-3, 0, val=0.5, test1=0.9)]
+    best = study.choose_lr(study.group_runs(runs), 0)
+    phase2 = study.at_chosen_lr(best, ["sft", "hpt"], seeds)
+    assert {(s.method, s.lr, s.seed, s.gamma) for s in phase2} == (
+        {("sft", 3e-3, s, 0) for s in seeds} | {("hpt", 1e-3, s, g) for s in seeds for g in (0, 1, 2)}
+    )
+    assert len({s.name for s in phase1 + phase2}) == len(phase1) + len(phase2) - 2  # seed 0 reused
 
 
 def test_the_learning_rate_is_chosen_on_validation_not_test():
     runs = [fake_run("sft", 1e-3, s, val=0.8, test1=0.1) for s in range(3)]
-    runs += [fake_run("sft", 3e-3, s, val=0.6, test1=0.9) for s in range(3)]  # better on test only
-    best = study.choose_lr(study.group_runs(runs))
+    runs += [fake_run("sft", 3e-3, 0, val=0.6, test1=0.9)]  # better on test only
+    best = study.choose_lr(study.group_runs(runs), 0)
     assert best["sft", 0].lr == 1e-3
     assert best["sft", 0].test(1) == [0.1, 0.1, 0.1]
+    # only the sweep seed decides: later seeds at the chosen rate (worse here) cannot flip it
+    runs = [fake_run("sft", 1e-3, 0, val=0.5, test1=0.1), fake_run("sft", 1e-3, 1, val=0.0, test1=0.1)]
+    runs += [fake_run("sft", 3e-3, 0, val=0.4, test1=0.1)]
+    assert study.choose_lr(study.group_runs(runs), 0)["sft", 0].lr == 1e-3
 
 
 def test_report_writes_mean_and_spread_over_seeds(tmp_path):
@@ -45,7 +58,7 @@ def test_report_writes_mean_and_spread_over_seeds(tmp_path):
     (tmp_path / "base" / "test_metrics.json").write_text(
         json.dumps({"accuracy": 0.1, "pass_at_k": {"1": 0.1, "2": 0.15}})
     )
-    md = study.report(tmp_path, budget)
+    md = study.report(tmp_path, budget, 0)
     rows = [
         line for line in md.splitlines() if line.startswith("| hpt (gamma 0)") or line.startswith("| grpo")
     ]
@@ -54,3 +67,9 @@ def test_report_writes_mean_and_spread_over_seeds(tmp_path):
     assert "| base (before post-training) | - | - | - | 0.100 | 0.150 | - |" in md
     assert (tmp_path / "study.png").read_bytes()[:4] == b"\x89PNG"
     assert len(json.loads((tmp_path / "results.json").read_text())["runs"]) == 6
+    assert "| grpo | 0.200 |" in md and "| hpt (gamma 0) | 0.500 |" in md  # the sweep table: seed 0
+    bad = fake_run("sft", 1e-3, 0, val=0.1, test1=0.1) | {"base_sha": "other"}
+    (tmp_path / "runs" / "x").mkdir()
+    (tmp_path / "runs" / "x" / "summary.json").write_text(json.dumps(bad))
+    with pytest.raises(RuntimeError, match="2 different base models"):
+        study.report(tmp_path, budget, 0)

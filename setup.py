@@ -22,6 +22,7 @@ CORE = [
     "tqdm>=4.66",
     "matplotlib>=3.8",
     "numpy>=1.26",
+    "psutil>=5.9",  # megatron-core's dist_checkpointing writer logs memory with it
     # megatron-core 0.19 imports triton unconditionally; CUDA builds of torch already ship it
     "triton>=3.0; python_version >= '3.12' and sys_platform == 'linux'",
 ]

@@ -1,6 +1,10 @@
 """Patches to third-party libraries, each applied from one entry point.
 
 - :func:`apply_megatron_cpu_patch`: run Megatron-Core on CPU with the gloo backend (no CUDA).
+- ``patches.dcp_safe_metadata.restricted_dcp_metadata``: torch_dist ``.metadata`` without arbitrary
+  pickle (scoped to one load).
+- ``patches.dcp_sync_save.use_in_process_results_queue``: synchronous dist_checkpointing saves
+  without a multiprocessing Manager process.
 """
 
 from patches.megatron_cpu import (

@@ -2,6 +2,8 @@
 
 hpt-convert hf-to-megatron --hf-dir Qwen2.5-1.5B --output-dir ckpt/tp2pp1 --tp 2 --pp 1 [--dtype bf16]
 hpt-convert megatron-to-hf --megatron-dir ckpt/tp2pp1 --output-dir Qwen2.5-1.5B-tuned [--dtype bf16]
+hpt-convert megatron-to-hf --megatron-dir megatron-lm/save --hf-config Qwen2.5-1.5B --output-dir out
+    (torch_dist iter_XXXXXXX/ or legacy mp_rank_XX[_YYY]/model_optim_rng.pt, Megatron-LM's layout)
 """
 
 from __future__ import annotations
@@ -27,8 +29,22 @@ def build_parser() -> argparse.ArgumentParser:
     to_mg.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
     _common(to_mg)
 
-    to_hf = sub.add_parser("megatron-to-hf", help="sharded Megatron checkpoint (any TP/PP) -> HF directory")
-    to_hf.add_argument("--megatron-dir", required=True)
+    to_hf = sub.add_parser(
+        "megatron-to-hf",
+        help="Megatron checkpoint (any TP/PP): hpt sharded, torch_dist or legacy mp_rank_XX -> HF directory",
+    )
+    to_hf.add_argument(
+        "--megatron-dir",
+        required=True,
+        help="a checkpoint directory, or a Megatron-LM save directory (its latest_checkpointed_iteration.txt "
+        "picks the iteration)",
+    )
+    to_hf.add_argument(
+        "--hf-config",
+        default=None,
+        help="HF config.json or model directory of the architecture (needed for Megatron-LM checkpoints, "
+        "which keep none; tokenizer files are copied from a directory)",
+    )
     to_hf.add_argument("--output-dir", required=True)
     to_hf.add_argument(
         "--max-shard-gb",
@@ -56,15 +72,33 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.hf_dir, args.output_dir, args.tp, args.pp, dtype, args.overwrite, not args.no_progress
             )
         else:
-            max_bytes = int(args.max_shard_gb * 1024**3)
-            out = megatron_to_hf(
-                args.megatron_dir, args.output_dir, dtype, args.overwrite, max_bytes, not args.no_progress
-            )
+            out = _megatron_to_hf(args, dtype)
     except ValueError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
     print(f"{PROG}: wrote {out}")
     return 0
+
+
+def _megatron_to_hf(args: argparse.Namespace, dtype):
+    """Detect the input format: this project's sharded format, or torch_dist / legacy Megatron-LM."""
+    from hpt_megatron.convert.megatron_lm import find_checkpoint, megatron_lm_to_hf
+
+    max_bytes = int(args.max_shard_gb * 1024**3)
+    found = find_checkpoint(args.megatron_dir)
+    if found.kind == "sharded":
+        return megatron_to_hf(
+            found.directory, args.output_dir, dtype, args.overwrite, max_bytes, not args.no_progress
+        )
+    return megatron_lm_to_hf(
+        found.directory,
+        args.output_dir,
+        args.hf_config,
+        dtype,
+        args.overwrite,
+        max_bytes,
+        not args.no_progress,
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,13 @@
-"""Actor checkpoints: model, optimizer moments (and fp32 master weights under bf16), LR scheduler,
-RNG states and the step, in the sharded safetensors format of ``hpt_megatron.convert`` - so a
-checkpoint loads at any TP/PP layout and converts to Hugging Face with ``hpt-convert``.
+"""Actor checkpoints in two formats (``trainer.checkpoint_format``), loaded by detection:
+
+- ``torch_dist`` (the default): megatron-core ``dist_checkpointing`` in Megatron-LM's layout, see
+  ``hpt_megatron.train.dist_checkpoint``;
+- ``safetensors``: this module, below.
+
+Both hold model, optimizer moments (and fp32 master weights under bf16), LR scheduler, RNG states and
+the caller's metadata, load at any TP/PP layout and convert to Hugging Face with ``hpt-convert``.
+
+The safetensors format (the sharded format of ``hpt_megatron.convert``):
 
     step_dir/
       layout.json                 tp, pp, architecture (written by rank 0)
@@ -26,15 +33,53 @@ from hpt_megatron.convert import atomic_directory, load_model, load_state, read_
 from hpt_megatron.train.optim import MOMENTS, load_optimizer_state, optimizer_state_by_name
 
 META = "meta.json"
+FORMATS = ("torch_dist", "safetensors")
 
 
-def save_checkpoint(actor, directory: str | Path, meta: dict) -> None:
+def detect_format(directory: str | Path) -> str:
+    """``torch_dist`` or ``safetensors``; ValueError naming the directory when it is neither."""
+    from hpt_megatron.convert.torch_dist import is_dist_checkpoint
+
+    directory = Path(directory)
+    if is_dist_checkpoint(directory):
+        return "torch_dist"
+    if (directory / META).is_file():
+        return "safetensors"
+    raise ValueError(
+        f"{directory}: not a checkpoint (no metadata.json of a torch_dist checkpoint, no {META} of a "
+        "safetensors one); pass an iter_XXXXXXX / step_XXXXXXXX directory, or trainer.resume=auto"
+    )
+
+
+def save_training_checkpoint(actor, directory: str | Path, meta: dict, fmt: str) -> None:
+    """Collective save in format ``fmt`` (one of FORMATS)."""
+    if fmt == "torch_dist":
+        from hpt_megatron.train.dist_checkpoint import save_dist_checkpoint
+
+        save_dist_checkpoint(actor, directory, meta)
+    elif fmt == "safetensors":
+        save_checkpoint(actor, directory, meta, overwrite=True)
+    else:
+        raise ValueError(f"trainer.checkpoint_format={fmt!r} is not one of {FORMATS}")
+
+
+def load_training_checkpoint(actor, directory: str | Path) -> dict:
+    """Collective load of a checkpoint of either format; returns the saved metadata."""
+    if detect_format(directory) == "torch_dist":
+        from hpt_megatron.train.dist_checkpoint import load_dist_checkpoint
+
+        return load_dist_checkpoint(actor, directory)
+    return load_checkpoint(actor, directory)
+
+
+def save_checkpoint(actor, directory: str | Path, meta: dict, overwrite: bool = False) -> None:
     """Every rank calls this (collective); ``meta`` (JSON-able) is written by rank 0."""
     ctx, arch, model = actor.ctx, actor.arch, actor.model
     state, opt_step = optimizer_state_by_name(actor.optimizer, model)
     params = dict(model.named_parameters())
-    needs_main = any(state["main_param"][n] is not p for n, p in params.items())
-    with atomic_directory(directory) as tmp:
+    # fp32 master weights are worth saving only when they are separate copies (bf16/fp16 params)
+    needs_main = any(state["main_param"][n].data_ptr() != p.data_ptr() for n, p in params.items())
+    with atomic_directory(directory, overwrite=overwrite) as tmp:
         save_model(tmp, model, ctx, arch)
         for key in (*MOMENTS, "main_param") if needs_main else MOMENTS:
             save_state(tmp, state[key], model, ctx, arch, f"optim/{key}")

@@ -57,7 +57,9 @@ def test_a_short_run_learns_and_exports_a_working_model(reference):
     assert {"actor/forward", "actor/forward_backward", "actor/optimizer"} <= events
 
     # outputs: Megatron checkpoint, Hugging Face model, plots, summary
-    assert (reference / "checkpoints" / "step_00000006" / "meta.json").is_file()
+    # torch_dist, Megatron-LM's layout: iter_0000006/ and the tracker naming it
+    assert (reference / "checkpoints" / "iter_0000006" / "common.pt").is_file()
+    assert (reference / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == "6"
     assert (reference / "plots.png").read_bytes()[:4] == b"\x89PNG"
     assert (
         "held-out" in (reference / "summary.txt").read_text()
@@ -94,9 +96,10 @@ def test_sigterm_checkpoints_and_resume_matches_the_uninterrupted_run(reference,
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 75, err[-3000:]
-    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
-    stopped_at = int(latest.split("_")[1])
-    assert 2 <= stopped_at < 6 and (run_dir / "checkpoints" / latest / "meta.json").is_file()
+    stopped_at = int((run_dir / "checkpoints" / "latest_checkpointed_iteration.txt").read_text())
+    assert (
+        2 <= stopped_at < 6 and (run_dir / "checkpoints" / f"iter_{stopped_at:07d}" / "common.pt").is_file()
+    )
 
     resumed = hpt_train(run_dir, 6, "trainer.resume=auto")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -104,4 +107,43 @@ def test_sigterm_checkpoints_and_resume_matches_the_uninterrupted_run(reference,
     got = [comparable(r) for r in metrics(run_dir)]
     want = [comparable(r) for r in metrics(reference)]
     assert [r["step"] for r in got] == list(range(1, 7))
+    assert got == want
+
+
+def test_kill_9_during_a_save_then_resume_matches_the_uninterrupted_run(reference, tmp_path):
+    """SIGKILL (no handler runs) while a torch_dist save is being written: the tracker still names
+    the previous complete checkpoint, and resuming from it reproduces the uninterrupted run."""
+    import os
+
+    run_dir = tmp_path / "run"
+    ckpts = run_dir / "checkpoints"
+    cmd = [
+        sys.executable,
+        "-m",
+        "hpt_megatron.cli",
+        str(TINY),
+        *overrides(run_dir, 6, "trainer.save_every=1"),
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    deadline, partial = time.time() + 300, []
+    while time.time() < deadline and proc.poll() is None and not partial:
+        done = len(metrics(run_dir)) if (run_dir / "metrics.jsonl").exists() else 0
+        partial = [p for p in ckpts.glob(".iter_*.partial")] if done >= 2 else []
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert partial, "the run ended before a save was caught in progress"
+    tracked = int((ckpts / "latest_checkpointed_iteration.txt").read_text())
+    assert tracked >= 1 and f".iter_{tracked:07d}.partial" != partial[0].name
+    assert all(
+        (ckpts / f"iter_{tracked:07d}" / f).is_file() for f in ("metadata.json", ".metadata", "common.pt")
+    )
+
+    resumed = hpt_train(run_dir, 6, "trainer.resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"at step {tracked}" in resumed.stdout
+    got = [comparable(r) for r in metrics(run_dir)]
+    want = [comparable(r) for r in metrics(reference)]
     assert got == want

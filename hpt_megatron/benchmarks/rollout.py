@@ -24,7 +24,9 @@ import torch
 
 from hpt_megatron.benchmarks.shapes import SHAPES
 
-TINY = Path(__file__).resolve().parents[2] / "configs" / "models" / "tiny-qwen2.json"  # the default run's model
+TINY = (
+    Path(__file__).resolve().parents[2] / "configs" / "models" / "tiny-qwen2.json"
+)  # the default run's model
 SHAPES_HERE = {
     "tiny": json.loads(TINY.read_text()),
     # ~100M parameters (24.6M of them the embedding), head size 64
@@ -81,10 +83,17 @@ def bench_shape(name: str, shape: dict, args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         model = _save_model(shape, Path(tmp))
         n_params = sum(p.numel() for p in model.parameters())
-        hf_s, hf_tokens = _timed_generate(HFEngine(model, BenchTokenizer(), max_batch=args.hf_batch), prompts, params)
+        hf_s, hf_tokens = _timed_generate(
+            HFEngine(model, BenchTokenizer(), max_batch=args.hf_batch), prompts, params
+        )
         engine = VLLMEngine(
-            tmp, BenchTokenizer(), dtype="float32", seed=0, max_model_len=args.prompt_len + args.new_tokens,
-            max_num_seqs=min(args.prompts * args.n, 256), gpu_memory_utilization=0.3,
+            tmp,
+            BenchTokenizer(),
+            dtype="float32",
+            seed=0,
+            max_model_len=args.prompt_len + args.new_tokens,
+            max_num_seqs=min(args.prompts * args.n, 256),
+            gpu_memory_utilization=0.3,
         )
         vllm_s, vllm_tokens = _timed_generate(engine, prompts, params)
         tied = shape.get("tie_word_embeddings", False)
@@ -123,7 +132,9 @@ def bench_shape(name: str, shape: dict, args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", default="tiny,100m", help=f"comma-separated: {', '.join([*SHAPES_HERE, *SHAPES])}")
+    p.add_argument(
+        "--shapes", default="tiny,100m", help=f"comma-separated: {', '.join([*SHAPES_HERE, *SHAPES])}"
+    )
     p.add_argument("--prompts", type=int, default=32)
     p.add_argument("--n", type=int, default=4, help="completions per prompt")
     p.add_argument("--prompt-len", type=int, default=32)
@@ -139,9 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"--shapes: unknown {unknown}; choose from {sorted(known)}")
     rows = [bench_shape(s, known[s], args) for s in names]
-    print(f"\n{args.prompts} prompts x {args.n} samples x up to {args.new_tokens} new tokens, fp32, "
-          f"{torch.get_num_threads()} threads")
-    print("| shape | params | HF engine tokens/s | vLLM tokens/s | vLLM / HF | sync s (weights MiB) | probe s |")
+    print(
+        f"\n{args.prompts} prompts x {args.n} samples x up to {args.new_tokens} new tokens, fp32, "
+        f"{torch.get_num_threads()} threads"
+    )
+    print(
+        "| shape | params | HF engine tokens/s | vLLM tokens/s | vLLM / HF | sync s (weights MiB) | probe s |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(

@@ -189,4 +189,24 @@ def build_gpt_model(
     # Megatron's RotaryEmbedding hard-codes Llama-3 scaling constants; set the frequencies from arch.
     inv_freq = model.rotary_pos_emb.inv_freq
     model.rotary_pos_emb.inv_freq = rope_inv_freq(arch).to(inv_freq.device)
+    if model.post_process and not config.sequence_parallel:
+        batch_major_output_layer(model.output_layer)
     return model
+
+
+def batch_major_output_layer(output_layer) -> None:
+    """Let the output layer compute logits in [b, s] order, so that GPTModel's final
+    ``logits.transpose(0, 1).contiguous()`` is a view instead of a copy of the whole [b, s, V]
+    logits (and its backward another): on CPU those copies cost as much as the LM-head matmul.
+    The hidden states [s, b, h] are transposed instead, which is V / h times smaller. Not for
+    sequence parallelism, where the layer all-gathers its input along the sequence dimension."""
+
+    def hidden_to_batch_major(module, args, kwargs):
+        return (args[0].transpose(0, 1).contiguous(), *args[1:]), kwargs
+
+    def logits_to_sequence_major(module, args, output):
+        logits, bias = output
+        return logits.transpose(0, 1), bias  # a view: [b, s, V] data seen as [s, b, V]
+
+    output_layer.register_forward_pre_hook(hidden_to_batch_major, with_kwargs=True)
+    output_layer.register_forward_hook(logits_to_sequence_major)

@@ -1,7 +1,7 @@
 """Transformer-layer specs: Transformer Engine, local, or local with torch SDPA core attention.
 
 Transformer Engine is imported here and nowhere else in ``models/`` (``HAVE_TE``). ``"auto"`` picks TE
-when importable, else the SDPA spec on GPU and the local spec on CPU.
+when importable, else the SDPA spec (GPU and CPU).
 
 Parameter names differ between specs only in where the pre-attention / pre-MLP RMSNorm weights live:
 TE fuses them into the following linear (``linear_qkv.layer_norm_weight``, ``linear_fc1.layer_norm_weight``)
@@ -14,8 +14,6 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 
-import torch
-
 try:  # the one import boundary for Transformer Engine in models/
     import transformer_engine  # noqa: F401
 
@@ -27,13 +25,13 @@ SPEC_NAMES = ("auto", "te", "local", "sdpa")
 
 
 def resolve_spec_name(name: str) -> str:
-    """``auto`` -> ``te`` if Transformer Engine is importable, else ``sdpa`` on GPU, ``local`` on CPU."""
+    """``auto`` -> ``te`` if Transformer Engine is importable, else ``sdpa`` (on CPU too: torch's
+    fused CPU attention never materialises the [b, heads, s, s] scores and masks, the local spec's
+    attention does, and only ``sdpa`` and ``te`` run padding-free packed micro-batches)."""
     if name not in SPEC_NAMES:
         raise ValueError(f"layer spec {name!r} is not one of {SPEC_NAMES}")
     if name == "auto":
-        if HAVE_TE:
-            return "te"
-        return "sdpa" if torch.cuda.is_available() else "local"
+        return "te" if HAVE_TE else "sdpa"
     if name == "te" and not HAVE_TE:
         raise ValueError(
             "layer spec 'te' needs Transformer Engine, which is not importable here; "

@@ -25,7 +25,7 @@ from torch import Tensor
 from hpt_megatron.algo import AlgoConfig, Counts, LossInputs, merge_metrics, upge_loss
 from hpt_megatron.algo.loss import rollout_mismatch
 from hpt_megatron.config import OptimConfig
-from hpt_megatron.models import ArchConfig, build_gpt_model
+from hpt_megatron.models import ArchConfig, build_gpt_model, resolve_spec_name
 from hpt_megatron.observability.timing import nvtx_range, peak_memory_gib, reset_peak_memory
 from hpt_megatron.train.batching import (
     Packed,
@@ -73,6 +73,11 @@ class MegatronActor:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
         self.arch, self.ctx, self.opts = arch, ctx, options
+        if options.packed and resolve_spec_name(options.spec) == "local":
+            raise ValueError(
+                "packed micro-batches (trainer.packed) need a layer spec whose attention follows the "
+                "row boundaries: set model.layer_spec to 'sdpa' or 'auto' (or 'te'), or trainer.packed=false"
+            )
         overrides = {"calculate_per_token_loss": True}
         if options.recompute:
             overrides.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
@@ -128,7 +133,8 @@ class MegatronActor:
             return model(
                 p.tokens_1N.to(self.ctx.device),
                 p.position_ids_1N.to(self.ctx.device),
-                p.mask_11NN.to(self.ctx.device),
+                None,
+                packed_seq_params=packed_seq_params(p, self.ctx.device),
             )
         tokens = b.tokens_BL.to(self.ctx.device)
         positions = torch.arange(tokens.shape[1], device=tokens.device)[None].expand_as(tokens)
@@ -141,16 +147,11 @@ class MegatronActor:
         """[B, T] log-probs (and entropy) of each row's next tokens, from this rank's vocab shard, at
         the sampling temperature (or ``temperature``)."""
         b = mb.batch
-        if mb.packed is not None:
-            p = mb.packed
-            flat_logits, targets = logits[0, :-1], p.tokens_1N[0, 1:]
-        else:
-            flat_logits, targets = (
-                logits[:, :-1].reshape(-1, logits.shape[-1]),
-                b.tokens_BL[:, 1:].reshape(-1),
-            )
+        tokens = mb.packed.tokens_1N if mb.packed is not None else b.tokens_BL
+        # every position's next token (the last one's is a dummy 0): a view of the logits, no copy
+        targets = torch.nn.functional.pad(tokens[:, 1:], (0, 1)).reshape(-1)
         logp, ent = vocab_parallel_logprobs(
-            flat_logits,
+            logits.view(-1, logits.shape[-1]),
             targets.to(logits.device),
             vocab_start=self.ctx.tp_rank * self.vocab_shard,
             vocab_size=self.arch.vocab_size,
@@ -161,11 +162,10 @@ class MegatronActor:
         )
         width = b.loss_mask_BT.shape[1]
         if mb.packed is not None:
-            return unpack_targets(logp[None], p, width), None if ent is None else unpack_targets(
-                ent[None], p, width
+            return tuple(
+                None if t is None else unpack_targets(t[None], mb.packed, width) for t in (logp, ent)
             )
-        shape = (b.num_rows, width)
-        return logp.view(shape), None if ent is None else ent.view(shape)
+        return tuple(None if t is None else t.view(tokens.shape)[:, :width] for t in (logp, ent))
 
     def _run(self, mbs: list[MicroBatch], forward_step, forward_only: bool) -> list:
         from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -281,6 +281,20 @@ class MegatronActor:
         from hpt_megatron.convert import export_hf_weights
 
         return export_hf_weights(self.model, self.ctx, self.arch, bucket_bytes=bucket_bytes, dtype=dtype)
+
+
+def packed_seq_params(p: Packed, device):
+    """Megatron's description of a packed micro-batch (``thd``: the row boundaries, no mask)."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu = p.cu_seqlens.to(device)
+    return PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=cu,
+        cu_seqlens_kv=cu,
+        max_seqlen_q=p.max_length,
+        max_seqlen_kv=p.max_length,
+    )
 
 
 def _assemble(outs: list[dict], width: int) -> dict:

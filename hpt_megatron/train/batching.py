@@ -7,9 +7,9 @@ exactly when token t + 1 of row i is a response token.
 
 Two micro-batch layouts:
     bucketed  rows sorted by length, grouped while rows x longest <= budget, padded to the longest
-    packed    rows concatenated into one sequence while total tokens <= budget, with a block-diagonal
-              causal mask; RoPE scores depend only on relative positions, so outputs equal the
-              unpacked ones (padding-free: no FLOPs spent on padding)
+    packed    rows concatenated into one sequence while total tokens <= budget (first-fit
+              decreasing), attention causal within each row through ``cu_seqlens`` (Megatron's
+              ``thd`` format) and RoPE positions restarting per row: no padding FLOPs, no N x N mask
 """
 
 from __future__ import annotations
@@ -101,57 +101,74 @@ def split_for_data_parallel(lengths: list[int], dp: int) -> list[list[int]]:
 
 def micro_batches(lengths: list[int], budget: int, packed: bool) -> list[list[int]]:
     """Group row indices so that each micro-batch costs at most ``budget`` tokens: the sum of
-    lengths (packed) or rows x longest (bucketed). A row longer than the budget gets its own."""
+    lengths (packed) or rows x longest (bucketed). A row longer than the budget gets its own.
+    Rows are taken longest first; packed rows go to the first micro-batch with room (first-fit
+    decreasing), bucketed rows to the current one (a run of similar lengths pads little)."""
     if budget < 1:
         raise ValueError(f"micro-batch token budget must be >= 1, got {budget}")
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return _first_fit(order, lengths, budget) if packed else _next_fit_padded(order, lengths, budget)
+
+
+def _first_fit(order: list[int], lengths: list[int], budget: int) -> list[list[int]]:
     groups: list[list[int]] = []
-    cost = 0
+    loads: list[int] = []
     for i in order:
-        n = lengths[i]
-        if groups:
-            g = groups[-1]
-            new_cost = cost + n if packed else (len(g) + 1) * lengths[g[0]]
-            if new_cost <= budget:
-                g.append(i)
-                cost = new_cost
-                continue
-        groups.append([i])
-        cost = n
+        g = next((j for j, load in enumerate(loads) if load + lengths[i] <= budget), None)
+        if g is None:
+            groups.append([])
+            loads.append(0)
+            g = len(groups) - 1
+        groups[g].append(i)
+        loads[g] += lengths[i]
+    return groups
+
+
+def _next_fit_padded(order: list[int], lengths: list[int], budget: int) -> list[list[int]]:
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= budget:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
     return groups
 
 
 @dataclass
 class Packed:
-    """Rows concatenated into one sequence [1, N]: where each row starts and how long it is."""
+    """Rows concatenated into one sequence [1, N] (Megatron's ``thd`` layout): where each row starts
+    and how long it is. No mask: attention and RoPE follow the segment boundaries ``cu_seqlens``."""
 
     tokens_1N: Tensor
-    position_ids_1N: Tensor
-    mask_11NN: Tensor  # bool, True = masked (Megatron's convention)
+    position_ids_1N: Tensor  # restart at 0 in every row
+    cu_seqlens: Tensor  # int32 [B + 1]: row i is tokens cu_seqlens[i] .. cu_seqlens[i + 1] - 1
     starts: list[int]
     lengths: list[int]
+
+    @property
+    def max_length(self) -> int:
+        return max(self.lengths)
 
 
 def pack(batch: TrainBatch) -> Packed:
     lengths = batch.lengths_B.tolist()
-    total = sum(lengths)
     tokens = torch.cat([batch.tokens_BL[i, :n] for i, n in enumerate(lengths)])[None]
     positions = torch.cat([torch.arange(n) for n in lengths])[None]
-    seq_id = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])
-    causal = torch.ones(total, total, dtype=torch.bool).tril()
-    allowed = causal & (seq_id[:, None] == seq_id[None, :])
-    starts = [sum(lengths[:i]) for i in range(len(lengths))]
-    return Packed(tokens, positions, ~allowed[None, None], starts, lengths)
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.as_tensor(lengths).cumsum(0)
+    return Packed(tokens, positions, cu, cu[:-1].tolist(), lengths)
 
 
 def unpack_targets(values_1N: Tensor, packed: Packed, width: int) -> Tensor:
     """Per-target values of a packed sequence -> [B, width] rows (zero padded). A row of n tokens
-    has n - 1 targets; the value at its last token predicts the next row's first token: dropped."""
-    out = values_1N.new_zeros(len(packed.lengths), width)
-    for i, (s, n) in enumerate(zip(packed.starts, packed.lengths)):
-        k = min(n - 1, width)
-        out[i, :k] = values_1N[0, s : s + k]
-    return out
+    has n - 1 targets; the value at its last token predicts the next row's first token: dropped.
+    One gather (a per-row loop would cost a copy per row forward and backward)."""
+    starts = torch.as_tensor(packed.starts, device=values_1N.device)[:, None]
+    targets = torch.as_tensor(packed.lengths, device=values_1N.device)[:, None] - 1
+    cols = torch.arange(width, device=values_1N.device)[None, :]
+    valid_BW = cols < targets
+    index_BW = torch.where(valid_BW, starts + cols, 0)
+    return torch.where(valid_BW, values_1N[0, index_BW], values_1N.new_zeros(()))
 
 
 def padded_causal_mask(batch: TrainBatch) -> Tensor:

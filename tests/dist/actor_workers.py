@@ -63,7 +63,8 @@ def _actor(
 ) -> MegatronActor:
     ctx = init_parallel(tp, pp)
     arch = arch_config_from_hf(Path(root) / kind)
-    opts = ActorOptions(spec="local", micro_batch_tokens=budget, packed=packed, **options)
+    options.setdefault("spec", "sdpa" if packed else "local")  # packed rows need sdpa (or te)
+    opts = ActorOptions(micro_batch_tokens=budget, packed=packed, **options)
     return MegatronActor(arch, ctx, OPTIM, total_steps=10, options=opts)
 
 

@@ -113,6 +113,35 @@ def test_layouts_train_identically(root, reference, tp, pp, world):
     assert_same_training(got, reference)
 
 
+@pytest.mark.parametrize(
+    ("packed", "tp", "pp", "world", "budget"),
+    [
+        (False, 1, 1, 1, 1),
+        (False, 1, 1, 1, 64),
+        (True, 1, 1, 1, 16),
+        (True, 1, 1, 1, 50),
+        (True, 2, 1, 2, 30),
+        (True, 1, 2, 2, 40),
+        (True, 1, 1, 2, 40),
+    ],
+    ids=[
+        "padded-1",
+        "padded-64",
+        "packed-16",
+        "packed-50",
+        "packed-tp2-30",
+        "packed-pp2-40",
+        "packed-dp2-40",
+    ],
+)
+def test_micro_batch_grouping_does_not_change_training(root, reference, packed, tp, pp, world, budget):
+    """Token budgets from one row per micro-batch to a few rows each, padded or packed (rows of
+    5-16 tokens; a budget below a row's length gives it its own micro-batch): losses are divided
+    by global counts, so losses, grad norms and weights equal the one-micro-batch reference."""
+    got = launch(W.train_worker, world, args=(str(root), KINDS, tp, pp, STEPS, packed, budget))[0]
+    assert_same_training(got, reference)
+
+
 @pytest.mark.parametrize(("tp", "pp"), [(1, 2), (2, 1)], ids=["pp2", "tp2"])
 def test_activation_recompute_trains_identically(root, reference, tp, pp):
     """Recomputation changes what is stored, not what is computed. (Sequence parallelism needs

@@ -120,4 +120,4 @@ def test_sequence_parallel_without_transformer_engine_layers():
 def test_te_spec_without_transformer_engine():
     with pytest.raises(ValueError, match="needs Transformer Engine"):
         resolve_spec_name("te")
-    assert resolve_spec_name("auto") == ("sdpa" if torch.cuda.is_available() else "local")
+    assert resolve_spec_name("auto") == "sdpa"

@@ -84,6 +84,17 @@ def stage_parameters(arch: ArchConfig, tp: int, pp: int, stage: int) -> int:
     return params
 
 
+def critic_stage_parameters(arch: ArchConfig, tp: int, pp: int, stage: int) -> int:
+    """Parameters of the PPO critic on one GPU of ``stage``: the actor's stage without the output
+    layer, plus the scalar value head (hidden + 1, replicated) on the last stage."""
+    params = stage_parameters(arch, tp, pp, stage)
+    if stage == pp - 1:
+        if not arch.tie_embeddings or stage != 0:
+            params -= arch.padded_vocab_size(tp) // tp * arch.hidden_size
+        params += arch.hidden_size + 1
+    return params
+
+
 # ---- activations and logits -----------------------------------------------------------------------
 
 
@@ -158,10 +169,11 @@ class StageMemory:
     activations: int
     activations_other_recompute: int  # the same with model.recompute_activations flipped
     logits: int
+    critic: int = 0  # the PPO critic's weights, grads and optimizer state (resident like the actor's)
 
     @property
     def resident(self) -> int:
-        return self.weights + self.grads + self.optimizer
+        return self.weights + self.grads + self.optimizer + self.critic
 
 
 @dataclass
@@ -246,6 +258,7 @@ def estimate_memory(cfg: Config, arch: ArchConfig, device_gib: float) -> MemoryE
                 activations=activation_bytes(recompute=recompute, **common),
                 activations_other_recompute=activation_bytes(recompute=not recompute, **common),
                 logits=logits_bytes(arch, tokens, tp, act_b) if s == pp - 1 else 0,
+                critic=critic_bytes(arch, tp, pp, s, wb) if cfg.critic_enabled else 0,
             )
         )
     device = int(device_gib * GIB)
@@ -262,6 +275,13 @@ def estimate_memory(cfg: Config, arch: ArchConfig, device_gib: float) -> MemoryE
         reserve=int(RESERVE_GIB * GIB),
         distributed_optimizer_saving=worst.optimizer - worst.optimizer // dp,
     )
+
+
+def critic_bytes(arch: ArchConfig, tp: int, pp: int, stage: int, weight_b: int) -> int:
+    """The critic's resident bytes: the actor's per-parameter weights + grads + optimizer. Its
+    activations are not added: its passes run after the actor's, whose logits make the larger peak."""
+    per_param = weight_b + GRAD_BYTES + ADAM_MOMENT_BYTES + (MASTER_BYTES if weight_b != 4 else 0)
+    return critic_stage_parameters(arch, tp, pp, stage) * per_param
 
 
 def rollout_bytes(cfg: Config, arch: ArchConfig, device: int, weight_b: int) -> tuple[int, str, int]:

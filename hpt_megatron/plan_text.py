@@ -91,6 +91,12 @@ def _memory_lines(cfg: Config, plan: Plan) -> list[str]:
         f"(recompute {'off' if rec else 'on'}: {s.activations_other_recompute / GIB:.2f}); "
         + ("flash attention" if uses_flash_attention(cfg) else "local spec keeps attention scores"),
         f"  logits       {_gib(s.logits)}   [T, V/TP] logits + grad, {LOGPROB_TEMPS} fp32 chunks",
+    ]
+    if s.critic:
+        lines.append(
+            f"  critic       {_gib(s.critic)}   PPO value model: weights + grads + optimizer, as the actor's"
+        )
+    lines += [
         f"  rollout      {_gib(m.rollout)}   {m.rollout_kind}",
         f"  reserve      {_gib(m.reserve)}   CUDA context, NCCL, sleeping engine, fragmentation",
         f"  peak         {_gib(m.training_peak)}   training (resident + activations + logits + reserve)",

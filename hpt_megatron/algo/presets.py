@@ -119,7 +119,11 @@ def _reinforce() -> AlgoConfig:
     return AlgoConfig(terms={"rl": term}, gate=RLGate())
 
 
-@preset("ppo", "PPO: clipped ratio (dual clip 3) with GAE advantages (needs a value model, not yet provided)")
+@preset(
+    "ppo",
+    "PPO: clipped ratio (dual clip 3), GAE(1, 0.95) advantages (whitened) from the Megatron critic "
+    "(critic.*: built automatically; clipped value loss)",
+)
 def _ppo() -> AlgoConfig:
     return AlgoConfig(terms={"rl": clipped_rl_term(GAE(gamma=1.0, lam=0.95, whiten=True), TokenMean())})
 

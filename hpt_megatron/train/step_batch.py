@@ -7,6 +7,7 @@ split into mini-batches and micro-batches.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -32,9 +33,10 @@ def build_step_batch(
     rewards_GN: torch.Tensor,
     demo_rewards: dict[int, float],
     algo: AlgoConfig,
+    values: Callable[[TrainBatch], torch.Tensor] | None = None,
 ) -> StepBatch | None:
     """Token rows per the plan, with rewards, rollout log-probs and each term's advantages.
-    Returns None when no row is left."""
+    ``values`` gives the critic's values of the rows (for GAE). Returns None when no row is left."""
     rows, sources, coefs, rewards, prompts, rollout_logps = [], [], [], [], [], []
     skipped = 0
     for g, j, src, coef in zip(plan.prompt, plan.rollout, plan.source, plan.coef):
@@ -62,6 +64,7 @@ def build_step_batch(
         group_B=torch.tensor(prompts),
         mask_BT=batch.loss_mask_BT,
         source_B=batch.source_B,
+        values_BT=None if values is None else values(batch),
     )
     batch.advantages = algo.advantages(scored)
     return StepBatch(batch, prompts, rewards_B, skipped)

@@ -142,9 +142,9 @@ def train_main(argv: list[str] | None = None) -> int:
         return 0
     if args.dry_run:
         return dry_run(cfg, args.config, args.gpu_mem_gb, args.json)
-    from hpt_megatron import trainer
+    from hpt_megatron.run_setup import train
 
-    return trainer.main(cfg)
+    return train(cfg)
 
 
 def dry_run(cfg, recipe: str, gpu_mem_gb: float, as_json: bool) -> int:

@@ -15,6 +15,7 @@ there, otherwise against the working directory.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -52,9 +53,12 @@ class ModelConfig:
     hf_config: str = path_field()
     hub_id: str = ""  # Hugging Face hub name of ``path`` (named in the "download it" error)
     tokenizer: str = path_field()  # tokenizer directory; defaults to ``path``
-    megatron_checkpoint: str = path_field()  # start from a Megatron-format checkpoint instead
+    # start from a Megatron checkpoint's weights instead (any TP/PP; the format is detected): this
+    # project's sharded or torch_dist format, or Megatron-LM's torch_dist / legacy mp_rank_XX files
+    # (a --save directory with latest_checkpointed_iteration.txt, or one iter_XXXXXXX directory)
+    megatron_checkpoint: str = path_field()
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    layer_spec: Literal["auto", "te", "local", "sdpa"] = "auto"  # auto: te if installed, else local
+    layer_spec: Literal["auto", "te", "local", "sdpa"] = "auto"  # auto: te if installed, else sdpa
     fp8: Literal["e4m3", "hybrid"] | None = None  # needs Transformer Engine
     fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "blockwise"
     fp8_param: bool = False
@@ -187,6 +191,23 @@ class OptimConfig:
 
 
 @dataclass
+class CriticConfig:
+    """The value model of PPO (``hpt_megatron.train.critic``): the actor's architecture and TP/PP
+    layout with a scalar head, on the same workers, trained with the clipped value loss. It is built
+    when an algorithm of the run has a ``gae`` advantage; the optimizer is ``optim`` with ``lr``."""
+
+    enabled: bool | None = None  # null: exactly when an algorithm of the run uses GAE
+    # "actor": the actor's weights at the first step that needs values (after an SFT phase, the SFT
+    # model), head at zero; or a directory: a critic checkpoint (<step>/critic), a Megatron actor
+    # checkpoint in the sharded safetensors format (trunk only) or a Hugging Face model
+    # (...ForTokenClassification: with its head)
+    init: str = path_field("actor")
+    lr: float | None = None  # null: optim.lr (optim.min_lr scales with it)
+    clip: float | None = 0.5  # value clip range around the rollout-time values; null: no clipping
+    warmup_steps: int = 0  # the first N steps that need values train the critic only
+
+
+@dataclass
 class PhaseConfig:
     """One phase of a multi-phase run (e.g. SFT then GRPO); ``algo`` is resolved like the top one."""
 
@@ -201,7 +222,8 @@ class TrainerConfig:
     prompts_per_step: int = 128
     mini_batch_prompts: int = 64
     ppo_epochs: int = 1
-    micro_batch_tokens: int = 32768  # token budget of one micro-batch (padding-free packing)
+    micro_batch_tokens: int = 32768  # token budget of one micro-batch per device
+    packed: bool = True  # padding-free micro-batches (rows concatenated); false: padded rows
     seed: int = 1
     output_dir: str = path_field("runs/default")
     save_every: int = 50
@@ -209,6 +231,9 @@ class TrainerConfig:
     eval_every: int = 10
     eval_before_train: bool = False
     resume: str = "none"  # none | auto | a checkpoint directory
+    # torch_dist: megatron-core dist_checkpointing in Megatron-LM's layout (checkpoints/iter_XXXXXXX,
+    # latest_checkpointed_iteration.txt); safetensors: this project's sharded format (step_XXXXXXXX)
+    checkpoint_format: Literal["torch_dist", "safetensors"] = "torch_dist"
     max_bad_steps: int = 3  # stop after this many NaN/inf steps in a row
     phases: list[PhaseConfig] = field(default_factory=list)
 
@@ -260,6 +285,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -269,6 +295,15 @@ class Config:
     def algos(self) -> list[AlgoConfig]:
         """Every algorithm the run trains with (one per phase, or the top-level one)."""
         return [p.algo for p in self.trainer.phases] or [self.algo]
+
+    @property
+    def critic_enabled(self) -> bool:
+        """Whether the run builds a critic (``critic.enabled``, or: some algorithm uses GAE)."""
+        from hpt_megatron.algo.value import needs_critic
+
+        if self.critic.enabled is not None:
+            return self.critic.enabled
+        return any(needs_critic(a) for a in self.algos)
 
     @property
     def dp(self) -> int:
@@ -393,6 +428,7 @@ def validate_config(cfg: Config) -> None:
     _validate_layout(cfg)
     _validate_model(cfg)
     _validate_algo(cfg.algo, "algo", cfg.rollout.n)
+    _validate_critic(cfg)
     for i, phase in enumerate(cfg.trainer.phases):
         if phase.steps < 1:
             raise ConfigError(f"trainer.phases[{i}].steps must be >= 1, got {phase.steps}")
@@ -451,6 +487,12 @@ def _validate_layout(cfg: Config) -> None:
             f"{cfg.model.layer_spec!r} uses Megatron's torch norms, which cannot split the sequence; "
             "set model.layer_spec=te (or auto with Transformer Engine installed)"
         )
+    if cfg.trainer.packed and cfg.model.layer_spec == "local":
+        raise ConfigError(
+            "trainer.packed=true needs attention that follows the packed rows' boundaries, which "
+            "model.layer_spec='local' lacks: set model.layer_spec to auto or sdpa (or te), "
+            "or trainer.packed=false"
+        )
 
 
 def _validate_model(cfg: Config) -> None:
@@ -470,6 +512,39 @@ def _validate_model(cfg: Config) -> None:
         check_parallel_layout(arch, cfg.parallel.tp, cfg.parallel.pp, "parallel.tp", "parallel.pp")
     except ValueError as e:
         raise ConfigError(f"{e} (model: {path})") from None
+
+
+def _validate_critic(cfg: Config) -> None:
+    from hpt_megatron.algo.value import needs_critic
+
+    c = cfg.critic
+    phases = [(f"trainer.phases[{i}].algo", p.algo) for i, p in enumerate(cfg.trainer.phases)]
+    users = [key for key, algo in phases or [("algo", cfg.algo)] if needs_critic(algo)]
+    if c.enabled is False and users:
+        raise ConfigError(
+            f"critic.enabled=false, but {users[0]} uses the 'gae' advantage, which needs critic values; "
+            "remove critic.enabled (or set it to true), or choose an advantage without a value model"
+        )
+    if c.enabled and not users:
+        warnings.warn(
+            "critic.enabled=true has no effect: no algorithm of the run uses the 'gae' advantage",
+            stacklevel=2,
+        )
+    if c.lr is not None and c.lr <= 0:
+        raise ConfigError(f"critic.lr must be > 0 (or null for optim.lr), got {c.lr}")
+    if c.clip is not None and c.clip <= 0:
+        raise ConfigError(f"critic.clip must be > 0 (or null for no value clipping), got {c.clip}")
+    if c.warmup_steps < 0:
+        raise ConfigError(f"critic.warmup_steps must be >= 0, got {c.warmup_steps}")
+    if users and c.init != "actor" and not Path(c.init).is_dir():
+        raise ConfigError(
+            f"critic.init: {c.init!r} is not a directory; use 'actor' (start from the actor's weights), "
+            "a critic or Megatron checkpoint directory, or a Hugging Face model directory"
+        )
+    if users and cfg.parallel.sequence_parallel:
+        raise ConfigError(
+            "the critic does not support parallel.sequence_parallel; set it to false for PPO runs"
+        )
 
 
 def _validate_algo(algo: AlgoConfig, key: str, n: int) -> None:

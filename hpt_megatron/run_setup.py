@@ -107,7 +107,7 @@ def require_checkpoint(cfg: Config) -> None:
 
 
 def setup_run(cfg: Config):
-    from hpt_megatron.cluster.base import make_cluster
+    from hpt_megatron.cluster import make_cluster
     from hpt_megatron.reward import GradeConfig, Verifier
     from hpt_megatron.trainer import Run, latest_checkpoint
 
@@ -156,11 +156,17 @@ def _resume_path(cfg: Config, run_dir: Path, latest_checkpoint) -> Path | None:
         return None
     if resume == "auto":
         return latest_checkpoint(run_dir)
+    from hpt_megatron.convert.torch_dist import tracked_checkpoint
+    from hpt_megatron.train.checkpoint import detect_format
+
     path = Path(resume)
-    if not (path / "meta.json").is_file():
-        raise ValueError(
-            f"trainer.resume={resume!r} is not a checkpoint directory (no meta.json); use 'auto' or 'none'"
-        )
+    if not path.is_dir():
+        raise ValueError(f"trainer.resume={resume!r}: no such directory; use 'auto', 'none' or a checkpoint")
+    path = tracked_checkpoint(path) or path  # a save directory: the checkpoint its tracker names
+    try:
+        detect_format(path)
+    except ValueError as err:
+        raise ValueError(f"trainer.resume={resume!r}: {err}") from None
     return path
 
 
@@ -209,3 +215,21 @@ def teardown(run) -> None:
     run.sink.close()
     run.verifier.close()
     run.cluster.shutdown()
+
+
+def train(cfg: Config) -> int:
+    """``hpt-train``: set the run up, fit, write the final outputs, tear down; the exit code."""
+    import time
+
+    from hpt_megatron.trainer import fit, install_signal_handlers
+
+    run = setup_run(cfg)
+    install_signal_handlers(run)
+    start = time.time()
+    try:
+        code = fit(run)
+        if code == 0:
+            finish(run, time.time() - start)
+        return code
+    finally:
+        teardown(run)

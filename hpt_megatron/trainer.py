@@ -19,8 +19,6 @@ as an uninterrupted run.
 from __future__ import annotations
 
 import signal
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +30,7 @@ from hpt_megatron.observability.metrics import MetricsLogger, print_rank0
 from hpt_megatron.observability.timing import StageTimer
 from hpt_megatron.rollout import SamplingParams
 from hpt_megatron.rollout.base import SEED_STRIDE
+from hpt_megatron.train.critic_step import critic_warmup, rollout_values, update_critic
 from hpt_megatron.train.step_batch import build_step_batch, mini_batches
 
 PREEMPTED = 75
@@ -155,18 +154,25 @@ def train_step(run: Run, step: int) -> dict:
         routing = algo.gate.route(rewards)
         plan = plan_rows(routing, n_roll, algo.drop_uniform_groups)
         demos, demo_rewards = demonstrations(run, items, plan)
-        step_batch = build_step_batch(plan, prompts, completions, demos, rewards, demo_rewards, algo)
+        values = rollout_values(run, step, algo)  # the critic's, for GAE (PPO); None otherwise
+        step_batch = build_step_batch(plan, prompts, completions, demos, rewards, demo_rewards, algo, values)
     metrics = step_metrics(routing, rewards, completions, plan)
     if step_batch is not None:
         batch = step_batch.batch
         metrics["rollout/empty_responses"] = float(step_batch.skipped_empty)
-        if algo.needs_old_logp and cfg.trainer.updates_per_step > 1:
+        warmup = critic_warmup(run, step)  # the critic's warm-up steps leave the actor unchanged
+        if algo.needs_old_logp and cfg.trainer.updates_per_step > 1 and not warmup:
             # with a single update per step pi_old is the current policy: the actor uses its own
             # forward instead of a separate pass
             with timer.stage("old_logprobs"):
                 old_logprobs(run, batch)
-        with timer.stage("update"):
-            metrics.update(update(run, step_batch, len(items), algo))
+        if not warmup:
+            with timer.stage("update"):
+                metrics.update(update(run, step_batch, len(items), algo))
+        if values is not None:
+            with timer.stage("critic"):
+                metrics.update(update_critic(run, step_batch, values, len(items), algo))
+            metrics["critic/warmup"] = float(warmup)
         if step == run.start_step:
             check_initial_mismatch(run, metrics)
         metrics["perf/train_tokens"] = float(batch.loss_mask_BT.sum())
@@ -270,37 +276,61 @@ def evaluate(run: Run, step: int) -> dict:
     return metrics
 
 
-def checkpoint_dir(run_dir: Path, step: int) -> Path:
-    return run_dir / "checkpoints" / f"step_{step:08d}"
+def checkpoint_dir(run_dir: Path, step: int, fmt: str = "torch_dist") -> Path:
+    """``checkpoints/iter_XXXXXXX`` (torch_dist, Megatron-LM's name) or ``checkpoints/step_XXXXXXXX``."""
+    from hpt_megatron.convert.torch_dist import iteration_dir
+
+    root = run_dir / "checkpoints"
+    return iteration_dir(root, step) if fmt == "torch_dist" else root / f"step_{step:08d}"
 
 
 def save_checkpoint(run: Run, step: int) -> Path:
-    """Collective save of the actor + the driver's state; ``checkpoints/latest`` names it."""
-    path = checkpoint_dir(run.run_dir, step)
+    """Collective save of the actor + the driver's state; then the tracker names it
+    (``latest_checkpointed_iteration.txt`` for torch_dist, ``latest`` for safetensors)."""
+    fmt = run.cfg.trainer.checkpoint_format
+    path = checkpoint_dir(run.run_dir, step, fmt)
     meta = {"step": step, "sampler": run.data.sampler.state_dict(), "bad_steps": run.bad_steps}
     run.cluster.save(str(path), meta)
-    latest = run.run_dir / "checkpoints" / "latest"
+    _point_latest(path.parent, path, step, fmt)
+    _prune(run.run_dir / "checkpoints", run.cfg.trainer.keep_last)
+    return path
+
+
+def _point_latest(root: Path, path: Path, step: int, fmt: str) -> None:
+    from hpt_megatron.convert.torch_dist import write_tracker
+
+    if fmt == "torch_dist":
+        write_tracker(root, step)
+        return
+    latest = root / "latest"
     tmp = latest.with_suffix(".tmp")
     tmp.write_text(path.name + "\n")
     tmp.replace(latest)
-    _prune(run.run_dir / "checkpoints", run.cfg.trainer.keep_last)
-    return path
 
 
 def _prune(directory: Path, keep: int) -> None:
     import shutil
 
-    steps = sorted(p for p in directory.glob("step_*") if p.is_dir())
-    for old in steps[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    for pattern in ("step_*", "iter_*"):
+        steps = sorted(p for p in directory.glob(pattern) if p.is_dir())
+        for old in steps[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    latest = run_dir / "checkpoints" / "latest"
-    if not latest.is_file():
-        return None
-    path = run_dir / "checkpoints" / latest.read_text().strip()
-    return path if path.is_dir() else None
+    """The newest checkpoint a tracker names (either format), or None."""
+    from hpt_megatron.convert.torch_dist import tracked_checkpoint
+
+    root = run_dir / "checkpoints"
+    latest = root / "latest"
+    named = [tracked_checkpoint(root), root / latest.read_text().strip() if latest.is_file() else None]
+    found = [p for p in named if p is not None and p.is_dir()]
+    return max(found, key=_checkpoint_step, default=None)
+
+
+def _checkpoint_step(path: Path) -> int:
+    suffix = path.name.rpartition("_")[2]
+    return int(suffix) if suffix.isdigit() else -1
 
 
 # ---- the run --------------------------------------------------------------------------------------
@@ -365,24 +395,3 @@ def _postfix(metrics: dict, last_eval: dict) -> dict:
     if "eval/accuracy" in last_eval:
         out["eval"] = f"{last_eval['eval/accuracy']:.3f}"
     return out
-
-
-def main(cfg: Config) -> int:
-    from hpt_megatron.run_setup import finish, setup_run, teardown
-
-    run = setup_run(cfg)
-    install_signal_handlers(run)
-    start = time.time()
-    try:
-        code = fit(run)
-        if code == 0:
-            finish(run, time.time() - start)
-        return code
-    finally:
-        teardown(run)
-
-
-if __name__ == "__main__":
-    from hpt_megatron.cli import train_main
-
-    sys.exit(train_main())

@@ -6,13 +6,13 @@ runs one worker per device as Ray actors. Both implement ``_call_all`` / ``_call
 from __future__ import annotations
 
 import socket
-from dataclasses import replace
 from typing import Any
 
 import torch
 
 from hpt_megatron.algo import AlgoConfig, Counts, Source, merge_metrics
 from hpt_megatron.rollout import Completion, SamplingParams
+from hpt_megatron.rollout.base import split_prompts
 from hpt_megatron.train.batching import TrainBatch, build_train_batch
 
 
@@ -45,15 +45,7 @@ class Cluster:
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
         """Prompts split evenly over the ranks' rollout engines; results back in prompt order."""
-        n = self.world_size
-        bounds = [len(prompts) * r // n for r in range(n + 1)]
-        shards = [
-            (
-                prompts[bounds[r] : bounds[r + 1]],
-                replace(params, prompt_offset=params.prompt_offset + bounds[r]),
-            )
-            for r in range(n)
-        ]
+        shards = split_prompts(prompts, params, self.world_size)
         return [c for part in self._call_each("generate", shards) for c in part]
 
     def compute_logprobs(
@@ -79,6 +71,24 @@ class Cluster:
         metrics.update({"actor/grad_norm": first["grad_norm"], "actor/lr": first["lr"]})
         metrics["perf/peak_memory_gib_max"] = max(o["peak_memory_gib"] for o in outs)  # worst rank
         return {"metrics": metrics, "skipped": first["skipped"], "reason": first["reason"]}
+
+    def compute_values(self, batch: TrainBatch) -> torch.Tensor:
+        """The critic's values [B, T] of every row of ``batch`` (0 where the rows end)."""
+        values = torch.zeros_like(batch.loss_mask_BT, dtype=torch.float32)
+        for r in self._call_all("compute_values", batch):
+            if r is not None and r["rows"]:
+                values[r["rows"]] = r["values_BT"].float()
+        return values
+
+    def train_critic(self, critic_batch, num_tokens: float) -> dict:
+        """One critic optimizer step; metrics summed over data-parallel groups (additive)."""
+        outs = self._call_all("train_critic", critic_batch, num_tokens)
+        metrics = merge_metrics([o["metrics"] for o in outs if o["metrics"]])
+        metrics.update({"critic/grad_norm": outs[0]["grad_norm"], "critic/lr": outs[0]["lr"]})
+        return {"metrics": metrics, "skipped": outs[0]["skipped"]}
+
+    def init_critic_from_actor(self) -> None:
+        self._call_all("init_critic_from_actor")
 
     def device_name(self) -> str:
         """Rank 0's accelerator name ("cpu" without one)."""
@@ -162,11 +172,3 @@ class LocalCluster(Cluster):
         from hpt_megatron.distributed import destroy_parallel
 
         destroy_parallel()
-
-
-def make_cluster(cfg) -> Cluster:
-    if cfg.cluster.world_size == 1 and cfg.cluster.ray_address is None and not cfg.cluster.use_ray:
-        return LocalCluster(cfg)
-    from hpt_megatron.cluster.ray_cluster import RayCluster
-
-    return RayCluster(cfg)

@@ -84,6 +84,7 @@ class PolicyWorker:
             dtype=model_dtype(cfg),
             fp8=fp8 if cfg.model.fp8 else None,
             micro_batch_tokens=cfg.trainer.micro_batch_tokens,
+            packed=cfg.trainer.packed,
             temperature=cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0,
             recompute=cfg.model.recompute_activations,
             sequence_parallel=cfg.parallel.sequence_parallel,
@@ -93,6 +94,11 @@ class PolicyWorker:
             self.arch, self.ctx, cfg.optim, total * cfg.trainer.updates_per_step, options
         )
         self._load_initial_weights()
+        self.critic = None  # the value model of PPO (train/critic.py), when an algorithm uses GAE
+        if cfg.critic_enabled:
+            from hpt_megatron.train.critic import build_critic
+
+            self.critic = build_critic(cfg, self.ctx, self.arch, model_dtype(cfg))
         self.tokenizer = load_tokenizer(cfg)
         from hpt_megatron.convert import hf_manifest
 
@@ -110,11 +116,12 @@ class PolicyWorker:
     # ---- setup ---------------------------------------------------------------------------------------
 
     def _load_initial_weights(self) -> None:
-        from hpt_megatron.convert import load_hf_model, load_model
+        from hpt_megatron.convert import load_hf_model
+        from hpt_megatron.convert.megatron_lm import load_megatron_weights
 
         m = self.cfg.model
-        if m.megatron_checkpoint:
-            load_model(m.megatron_checkpoint, self.actor.model, self.ctx, self.arch)
+        if m.megatron_checkpoint:  # hpt sharded, torch_dist or legacy Megatron-LM (detected)
+            load_megatron_weights(m.megatron_checkpoint, self.actor.model, self.ctx, self.arch)
         elif m.path:
             load_hf_model(m.path, self.actor.model, self.ctx, self.arch)
         # otherwise: Megatron's random initialisation, seeded by trainer.seed
@@ -180,6 +187,15 @@ class PolicyWorker:
     def train_step(self, batch: TrainBatch, algo: AlgoConfig, counts: Counts) -> dict:
         return self.actor.train_step(batch, algo, counts)
 
+    def compute_values(self, batch: TrainBatch) -> dict | None:
+        return self.critic.compute_values(batch)
+
+    def train_critic(self, critic_batch, num_tokens: float) -> dict:
+        return self.critic.train_step(critic_batch, num_tokens)
+
+    def init_critic_from_actor(self) -> None:
+        self.critic.copy_trunk_from(self.actor.model)
+
     def sync_weights(self) -> dict:
         """Stream the actor's weights (Megatron -> HF names, bucketed) into the rollout engine, then
         score the probe sequence with it. The engine stays unverified (a vLLM engine refuses to
@@ -219,14 +235,23 @@ class PolicyWorker:
         self.engine.sleep()
 
     def save(self, directory: str, meta: dict) -> None:
-        from hpt_megatron.train.checkpoint import save_checkpoint
+        from hpt_megatron.train.checkpoint import save_training_checkpoint
 
-        save_checkpoint(self.actor, directory, meta)
+        save_training_checkpoint(self.actor, directory, meta, self.cfg.trainer.checkpoint_format)
+        if self.critic is not None:
+            from hpt_megatron.train.critic import save_critic
+
+            save_critic(self.critic, directory)
 
     def load(self, directory: str) -> dict:
-        from hpt_megatron.train.checkpoint import load_checkpoint
+        from hpt_megatron.train.checkpoint import load_training_checkpoint
 
-        return load_checkpoint(self.actor, directory)  # the caller syncs the engines
+        meta = load_training_checkpoint(self.actor, directory)  # the caller syncs the engines
+        if self.critic is not None:
+            from hpt_megatron.train.critic import load_critic
+
+            load_critic(self.critic, directory)
+        return meta
 
     def export_hf(self, directory: str) -> None:
         """Write the current weights as a Hugging Face checkpoint (rank 0 writes; collective)."""

@@ -151,7 +151,7 @@ def test_unknown_key_suggests_the_closest(recipe):
     msg = error_of(recipe("trainr: {}\n"))
     assert msg == (
         f"{path}: unknown key 'trainr' (did you mean 'trainer'?); valid keys under '<top level>': "
-        "algo, cluster, data, eval, logging, model, optim, parallel, profile, reward, rollout, trainer"
+        "algo, cluster, critic, data, eval, logging, model, optim, parallel, profile, reward, rollout, trainer"
     )
 
 

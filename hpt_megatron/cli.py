@@ -9,7 +9,7 @@ import yaml
 
 from hpt_megatron.algo.presets import list_presets
 from hpt_megatron.algo.registry import describe
-from hpt_megatron.config_io import ConfigError
+from hpt_megatron.config.io import ConfigError
 
 DEFAULT_CONFIG = "configs/tiny_cpu.yaml"
 
@@ -152,7 +152,7 @@ def dry_run(cfg, recipe: str, gpu_mem_gb: float, as_json: bool) -> int:
     import json
 
     from hpt_megatron.plan import make_plan
-    from hpt_megatron.plan_text import render_text
+    from hpt_megatron.plan.text import render_text
 
     plan = make_plan(cfg, gpu_mem_gb, recipe)
     print(json.dumps(plan.to_dict(), indent=1) if as_json else render_text(plan, cfg))

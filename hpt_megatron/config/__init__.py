@@ -22,12 +22,14 @@ from typing import Any, Literal
 
 from hpt_megatron.algo.presets import get_preset
 from hpt_megatron.algo.spec import AlgoConfig
-from hpt_megatron.config_io import (
+from hpt_megatron.config.io import (
     ConfigError,
     build,
     deep_merge,
     has_dotted,
     parse_override,
+    path_field,
+    paths_field,
     read_yaml,
     set_dotted,
     to_plain,
@@ -35,14 +37,6 @@ from hpt_megatron.config_io import (
 from hpt_megatron.models.arch import ArchConfig, arch_config_from_hf, check_parallel_layout, load_hf_config
 
 QWEN_MATH_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
-
-
-def path_field(default: str | None = "") -> Any:
-    return field(default=default, metadata={"path": True})
-
-
-def paths_field() -> Any:
-    return field(default_factory=list, metadata={"path": True})
 
 
 @dataclass

@@ -17,6 +17,16 @@ from typing import Any, Literal, Union
 import yaml
 
 
+def path_field(default: str | None = "") -> Any:
+    """A dataclass field holding a path (resolved against the recipe's directory on load)."""
+    return dataclasses.field(default=default, metadata={"path": True})
+
+
+def paths_field() -> Any:
+    """A dataclass field holding a list of paths."""
+    return dataclasses.field(default_factory=list, metadata={"path": True})
+
+
 class ConfigError(ValueError):
     """A user mistake in a config file or override; the message names the key and the fix."""
 

@@ -2,7 +2,7 @@
 
 Nothing here creates a process group, imports megatron or builds a model, so a recipe for 8 x 80 GB
 can be checked on a laptop before its weights are downloaded (``model.hf_config`` shapes it). The
-memory model is :mod:`hpt_megatron.plan_memory`; this module lays out the plan, judges it against
+memory model is :mod:`hpt_megatron.plan.memory`; this module lays out the plan, judges it against
 the device, proposes single-key fixes and collects warnings.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 
 from hpt_megatron.config import Config
 from hpt_megatron.models.arch import ArchConfig, check_parallel_layout
-from hpt_megatron.plan_memory import (
+from hpt_megatron.plan.memory import (
     GIB,
     MemoryEstimate,
     count_parameters,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from hpt_megatron.config import Config
 from hpt_megatron.plan import Plan, micro_batches_per_update, missing_files, rows_per_prompt
-from hpt_megatron.plan_memory import (
+from hpt_megatron.plan.memory import (
     ADAM_MOMENT_BYTES,
     GIB,
     GRAD_BYTES,

@@ -12,7 +12,7 @@ import yaml
 from hpt_megatron.algo.gate import HardSwitchGate
 from hpt_megatron.algo.masks import CISPO, PPOClip
 from hpt_megatron.config import Config, config_from_dict, load_config
-from hpt_megatron.config_io import ConfigError
+from hpt_megatron.config.io import ConfigError
 
 QWEN_LIKE = {
     "architectures": ["Qwen2ForCausalLM"],

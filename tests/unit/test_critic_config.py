@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from hpt_megatron.config import load_config
-from hpt_megatron.config_io import ConfigError
-from hpt_megatron.plan_memory import critic_stage_parameters, estimate_memory, stage_parameters
+from hpt_megatron.config.io import ConfigError
+from hpt_megatron.plan.memory import critic_stage_parameters, estimate_memory, stage_parameters
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 TINY = CONFIGS / "tiny_cpu.yaml"

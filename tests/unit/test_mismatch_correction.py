@@ -36,7 +36,7 @@ from hpt_megatron.algo.masks import NoMask, PPOClip
 from hpt_megatron.algo.mismatch import IcePop, NoCorrection, SeqMIS, SeqTIS, TokenMIS, TokenTIS
 from hpt_megatron.cli import train_main
 from hpt_megatron.config import load_config
-from hpt_megatron.config_io import ConfigError
+from hpt_megatron.config.io import ConfigError
 from tests.unit.test_config import QWEN_LIKE
 
 T_MAX = 8

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from hpt_megatron.config import load_config
-from hpt_megatron.config_io import ConfigError
+from hpt_megatron.config.io import ConfigError
 from tests.unit.test_config import QWEN_LIKE
 
 

@@ -12,7 +12,7 @@ import torch
 from hpt_megatron.config import load_config
 from hpt_megatron.models.arch import arch_config_from_hf
 from hpt_megatron.plan import make_plan
-from hpt_megatron.plan_memory import (
+from hpt_megatron.plan.memory import (
     GIB,
     activation_bytes,
     count_parameters,

@@ -11,7 +11,7 @@ import pytest
 from hpt_megatron.algo.gate import HardSwitchGate
 from hpt_megatron.cli import train_main
 from hpt_megatron.config import load_config
-from hpt_megatron.config_io import ConfigError
+from hpt_megatron.config.io import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 RECIPES = sorted(CONFIGS.glob("*.yaml"))

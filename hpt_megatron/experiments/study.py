@@ -419,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("runs/study"))
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--lrs", nargs="+", type=float, default=[1e-3, 3e-3])
+    p.add_argument("--lrs", nargs="+", type=float, default=[1e-4, 3e-4, 1e-3, 3e-3])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="the first one runs the LR sweep")
     p.add_argument("--quick", action="store_true", help="a few steps per stage: checks the pipeline only")
     p.add_argument(

@@ -4,6 +4,8 @@ hpt-convert hf-to-megatron --hf-dir Qwen2.5-1.5B --output-dir ckpt/tp2pp1 --tp 2
 hpt-convert megatron-to-hf --megatron-dir ckpt/tp2pp1 --output-dir Qwen2.5-1.5B-tuned [--dtype bf16]
 hpt-convert megatron-to-hf --megatron-dir megatron-lm/save --hf-config Qwen2.5-1.5B --output-dir out
     (torch_dist iter_XXXXXXX/ or legacy mp_rank_XX[_YYY]/model_optim_rng.pt, Megatron-LM's layout)
+hpt-convert critic-to-hf --checkpoint runs/ppo/checkpoints --output-dir out/critic
+    (a PPO run's critic -> <Arch>ForTokenClassification with num_labels = 1)
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from hpt_megatron.convert.hf_io import DTYPES
 from hpt_megatron.convert.offline import DEFAULT_MAX_SHARD_BYTES, hf_to_megatron, megatron_to_hf
@@ -53,6 +56,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="size of each HF shard file",
     )
     _common(to_hf)
+
+    critic = sub.add_parser(
+        "critic-to-hf", help="a PPO critic -> HF <Arch>ForTokenClassification (num_labels 1)"
+    )
+    critic.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a training checkpoint holding critic/ (iter_XXXXXXX or step_XXXXXXXX), its critic/ directory, "
+        "or the run's checkpoints/ directory (the newest checkpoint)",
+    )
+    critic.add_argument("--output-dir", required=True)
+    critic.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     return parser
 
 
@@ -65,12 +80,16 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the converter; returns the process exit code (2 on a user error, with its message)."""
     args = build_parser().parse_args(argv)
-    dtype = DTYPES[args.dtype] if args.dtype else None
+    dtype = DTYPES[args.dtype] if getattr(args, "dtype", None) else None
     try:
         if args.command == "hf-to-megatron":
             out = hf_to_megatron(
                 args.hf_dir, args.output_dir, args.tp, args.pp, dtype, args.overwrite, not args.no_progress
             )
+        elif args.command == "critic-to-hf":
+            from hpt_megatron.train.critic import export_critic_hf
+
+            out = export_critic_hf(critic_dir(args.checkpoint), args.output_dir, args.overwrite)
         else:
             out = _megatron_to_hf(args, dtype)
     except ValueError as err:
@@ -78,6 +97,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(f"{PROG}: wrote {out}")
     return 0
+
+
+def critic_dir(path: str | Path) -> Path:
+    """The critic/ directory of a checkpoint, given it, the checkpoint, or the run's checkpoints/."""
+    from hpt_megatron.convert.torch_dist import tracked_checkpoint
+    from hpt_megatron.train.critic import CRITIC_DIR
+
+    path = Path(path)
+    if (path / "layout.json").is_file() and path.name == CRITIC_DIR:
+        return path
+    if (path / CRITIC_DIR).is_dir():
+        return path / CRITIC_DIR
+    latest = tracked_checkpoint(path)
+    if latest is None and (path / "latest").is_file():
+        latest = path / (path / "latest").read_text().strip()
+    if latest is not None and (latest / CRITIC_DIR).is_dir():
+        return latest / CRITIC_DIR
+    raise ValueError(
+        f"--checkpoint {path}: no {CRITIC_DIR}/ there; pass a PPO run's checkpoint (iter_XXXXXXX or "
+        "step_XXXXXXXX, saved with the critic), its critic/ directory or the run's checkpoints/ directory"
+    )
 
 
 def _megatron_to_hf(args: argparse.Namespace, dtype):

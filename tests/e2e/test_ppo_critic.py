@@ -64,11 +64,14 @@ def test_ppo_trains_the_critic_and_warms_it_up_first(reference):
 def test_critic_checkpoint_and_hf_export(reference, tmp_path):
     from transformers import AutoModelForTokenClassification
 
-    from hpt_megatron.train.critic import export_critic_hf
+    from hpt_megatron.convert.cli import main as convert_main
 
     step = saved(reference)
     assert (step / "critic" / "meta.json").is_file() and (step / "critic" / "layout.json").is_file()
-    out = export_critic_hf(step / "critic", tmp_path / "critic-hf")
+    out = tmp_path / "critic-hf"
+    assert convert_main(["critic-to-hf", "--checkpoint", str(step), "--output-dir", str(out)]) == 0
+    assert convert_main(["critic-to-hf", "--checkpoint", str(step), "--output-dir", str(out)]) == 2  # exists
+    assert convert_main(["critic-to-hf", "--checkpoint", str(tmp_path), "--output-dir", str(out)]) == 2
     model = AutoModelForTokenClassification.from_pretrained(out, dtype=torch.float32)
     assert model.config.num_labels == 1
     logits = model(torch.tensor([[1, 2, 3, 4]])).logits

@@ -437,7 +437,9 @@ def export_critic_hf(critic_dir: str | Path, output_dir: str | Path, overwrite: 
 
     critic_dir, output_dir = Path(critic_dir), Path(output_dir)
     if output_dir.exists() and not overwrite:
-        raise ValueError(f"{output_dir} already exists; pass --overwrite (overwrite=True) or choose another directory")
+        raise ValueError(
+            f"{output_dir} already exists; pass --overwrite (overwrite=True) or choose another directory"
+        )
     arch = trunk_arch(arch_from_layout(read_layout(critic_dir), critic_dir))
     reader = ShardedReader(critic_dir, "model")
     tensors = {}

@@ -5,6 +5,8 @@
   pickle (scoped to one load).
 - ``patches.dcp_sync_save.use_in_process_results_queue``: synchronous dist_checkpointing saves
   without a multiprocessing Manager process.
+- ``patches.dist_optimizer_state``: the distributed optimizer's per-parameter state for checkpoints
+  (models mixing fp32 and bf16 parameters; loads into torch's Adam without TE/apex).
 """
 
 from patches.megatron_cpu import (

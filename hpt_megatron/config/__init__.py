@@ -182,6 +182,9 @@ class OptimConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     skip_grad_norm_above: float | None = None  # skip the step when the pre-clip grad norm exceeds this
+    # Megatron's distributed optimizer (ZeRO-1): Adam moments and fp32 master weights sharded over
+    # the data-parallel ranks (1/DP each); needs trainer.checkpoint_format=torch_dist
+    distributed: bool = False
 
 
 @dataclass
@@ -423,6 +426,7 @@ def validate_config(cfg: Config) -> None:
     _validate_model(cfg)
     _validate_algo(cfg.algo, "algo", cfg.rollout.n)
     _validate_critic(cfg)
+    _validate_optim(cfg)
     for i, phase in enumerate(cfg.trainer.phases):
         if phase.steps < 1:
             raise ConfigError(f"trainer.phases[{i}].steps must be >= 1, got {phase.steps}")
@@ -506,6 +510,23 @@ def _validate_model(cfg: Config) -> None:
         check_parallel_layout(arch, cfg.parallel.tp, cfg.parallel.pp, "parallel.tp", "parallel.pp")
     except ValueError as e:
         raise ConfigError(f"{e} (model: {path})") from None
+
+
+def _validate_optim(cfg: Config) -> None:
+    if not cfg.optim.distributed:
+        return
+    if cfg.trainer.checkpoint_format != "torch_dist":
+        raise ConfigError(
+            "optim.distributed=true shards the optimizer state, which only the torch_dist checkpoint "
+            f"format saves: set trainer.checkpoint_format=torch_dist (got {cfg.trainer.checkpoint_format!r}) "
+            "or optim.distributed=false"
+        )
+    if cfg.dp == 1:
+        warnings.warn(
+            "optim.distributed=true has no effect at data-parallel size 1 (world size / (parallel.tp x "
+            "parallel.pp)): there is nothing to shard the optimizer state over",
+            stacklevel=2,
+        )
 
 
 def _validate_critic(cfg: Config) -> None:

@@ -7,10 +7,11 @@ first stage and the output layer and final norm on the last (vocab padded as Meg
 
     weights      P_s x 2      bf16 (4 when the model runs in fp32, 1 with model.fp8_param)
     grads        P_s x 4      Megatron's DDP keeps fp32 main grads (grad_reduce_in_fp32 in train/actor.py)
-    optimizer    P_s x 12     Adam moments (2 x 4) + fp32 master weights (4; none for fp32 weights).
-                              NOT divided by DP: train/optim.py builds Megatron's optimizer with
-                              use_distributed_optimizer=False (a distributed optimizer would divide
-                              these 12 bytes by DP; the plan shows what that would save)
+    optimizer    P_s x 12     Adam moments (2 x 4) + fp32 master weights (4; none for fp32 weights),
+                              replicated on every DP rank; with optim.distributed (Megatron's
+                              distributed optimizer) each DP rank keeps ceil(P_s / DP) x 12 (its shard of
+                              the flattened buffer); the grad buffer above stays whole (it is
+                              reduce-scattered in place). The PPO critic keeps the replicated optimizer.
     activations  see :func:`activation_bytes`
     logits       see :func:`logits_bytes`
     rollout      colocated vLLM: gpu_memory_utilization x device memory while it generates; asleep
@@ -185,7 +186,8 @@ class MemoryEstimate:
     kv_cache: int  # bytes left for vLLM's KV cache (rollout minus its weights)
     kv_per_token: int
     reserve: int
-    distributed_optimizer_saving: int  # what a distributed optimizer would save on the worst stage
+    # what the distributed optimizer saves (optim.distributed) or would save on the largest stage
+    distributed_optimizer_saving: int
 
     @property
     def worst(self) -> StageMemory:
@@ -233,6 +235,8 @@ def estimate_memory(cfg: Config, arch: ArchConfig, device_gib: float) -> MemoryE
     wb = weight_bytes(cfg)
     act_b = 4 if wb == 4 else 2
     tokens = micro_batch_tokens(cfg)
+    dp = max(cfg.dp, 1)
+    shards = dp if cfg.optim.distributed else 1
     stages = []
     for s in range(pp):
         p = stage_parameters(arch, tp, pp, s)
@@ -254,7 +258,7 @@ def estimate_memory(cfg: Config, arch: ArchConfig, device_gib: float) -> MemoryE
                 params=p,
                 weights=p * wb,
                 grads=p * GRAD_BYTES,
-                optimizer=p * (ADAM_MOMENT_BYTES + (MASTER_BYTES if wb != 4 else 0)),
+                optimizer=optimizer_bytes(p, wb, shards),
                 activations=activation_bytes(recompute=recompute, **common),
                 activations_other_recompute=activation_bytes(recompute=not recompute, **common),
                 logits=logits_bytes(arch, tokens, tp, act_b) if s == pp - 1 else 0,
@@ -263,8 +267,8 @@ def estimate_memory(cfg: Config, arch: ArchConfig, device_gib: float) -> MemoryE
         )
     device = int(device_gib * GIB)
     rollout, kind, kv = rollout_bytes(cfg, arch, device, wb)
-    worst = max(stages, key=lambda st: st.resident)
-    dp = max(cfg.dp, 1)
+    largest = max(stages, key=lambda st: st.params)
+    replicated = optimizer_bytes(largest.params, wb, 1)
     return MemoryEstimate(
         device=device,
         stages=stages,
@@ -273,15 +277,22 @@ def estimate_memory(cfg: Config, arch: ArchConfig, device_gib: float) -> MemoryE
         kv_cache=kv,
         kv_per_token=kv_bytes_per_token(arch, cfg.rollout.tp),
         reserve=int(RESERVE_GIB * GIB),
-        distributed_optimizer_saving=worst.optimizer - worst.optimizer // dp,
+        distributed_optimizer_saving=replicated - optimizer_bytes(largest.params, wb, dp),
     )
+
+
+def optimizer_bytes(params: int, weight_b: int, shards: int) -> int:
+    """Adam moments and (under 16-bit weights) fp32 master weights of ``params`` parameters, of which
+    one GPU holds 1 / ``shards`` (the data-parallel size under the distributed optimizer, else 1)."""
+    per_param = ADAM_MOMENT_BYTES + (MASTER_BYTES if weight_b != 4 else 0)
+    return -(-params // shards) * per_param
 
 
 def critic_bytes(arch: ArchConfig, tp: int, pp: int, stage: int, weight_b: int) -> int:
     """The critic's resident bytes: the actor's per-parameter weights + grads + optimizer. Its
     activations are not added: its passes run after the actor's, whose logits make the larger peak."""
-    per_param = weight_b + GRAD_BYTES + ADAM_MOMENT_BYTES + (MASTER_BYTES if weight_b != 4 else 0)
-    return critic_stage_parameters(arch, tp, pp, stage) * per_param
+    params = critic_stage_parameters(arch, tp, pp, stage)
+    return params * (weight_b + GRAD_BYTES) + optimizer_bytes(params, weight_b, 1)
 
 
 def rollout_bytes(cfg: Config, arch: ArchConfig, device: int, weight_b: int) -> tuple[int, str, int]:

@@ -11,6 +11,7 @@ from hpt_megatron.plan.memory import (
     GRAD_BYTES,
     LOGPROB_TEMPS,
     longest_row,
+    optimizer_bytes,
     uses_flash_attention,
     weight_bytes,
 )
@@ -79,14 +80,21 @@ def _memory_lines(cfg: Config, plan: Plan) -> list[str]:
     s = m.worst
     wb = weight_bytes(cfg)
     rec = cfg.model.recompute_activations
-    opt_bytes = s.optimizer // max(s.params, 1)
+    opt_bytes = optimizer_bytes(1, wb, 1)
+    saving = m.distributed_optimizer_saving / GIB
+    if cfg.optim.distributed:
+        sharding = f"distributed optimizer: 1/{plan.dp} of them per GPU, saves {saving:.2f}"
+    else:
+        sharding = (
+            f"no distributed optimizer (optim.distributed=true would save {saving:.2f} over DP {plan.dp})"
+        )
     lines = [
         f"memory    per GPU in GiB (stage {s.stage} of {plan.pp}; device {m.device / GIB:g} GiB)",
         f"  weights      {_gib(s.weights)}   {wb} B/param",
         f"  grads        {_gib(s.grads)}   {GRAD_BYTES} B/param (fp32 main grads)",
         f"  optimizer    {_gib(s.optimizer)}   {opt_bytes} B/param (Adam m, v"
         + (", fp32 master" if opt_bytes > ADAM_MOMENT_BYTES else "")
-        + f"); no distributed optimizer (one would save {m.distributed_optimizer_saving / GIB:.2f} over DP {plan.dp})",
+        + f"); {sharding}",
         f"  activations  {_gib(s.activations)}   T tokens, recompute {'on' if rec else 'off'} "
         f"(recompute {'off' if rec else 'on'}: {s.activations_other_recompute / GIB:.2f}); "
         + ("flash attention" if uses_flash_attention(cfg) else "local spec keeps attention scores"),
@@ -94,7 +102,7 @@ def _memory_lines(cfg: Config, plan: Plan) -> list[str]:
     ]
     if s.critic:
         lines.append(
-            f"  critic       {_gib(s.critic)}   PPO value model: weights + grads + optimizer, as the actor's"
+            f"  critic       {_gib(s.critic)}   PPO value model: weights + grads + optimizer (replicated over DP)"
         )
     lines += [
         f"  rollout      {_gib(m.rollout)}   {m.rollout_kind}",

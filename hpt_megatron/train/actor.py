@@ -36,7 +36,7 @@ from hpt_megatron.train.batching import (
     unpack_targets,
 )
 from hpt_megatron.train.logprobs import vocab_parallel_logprobs
-from hpt_megatron.train.optim import StepResult, build_optimizer, optimizer_step
+from hpt_megatron.train.optim import StepResult, build_optimizer, ddp_config, optimizer_step
 
 
 @dataclass
@@ -70,7 +70,7 @@ def _finalize_without_token_scaling(model, num_tokens=None, **kwargs):
 
 class MegatronActor:
     def __init__(self, arch: ArchConfig, ctx, optim: OptimConfig, total_steps: int, options: ActorOptions):
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed import DistributedDataParallel
 
         self.arch, self.ctx, self.opts = arch, ctx, options
         if options.packed and resolve_spec_name(options.spec) == "local":
@@ -91,8 +91,7 @@ class MegatronActor:
             arch, ctx, spec=options.spec, dtype=options.dtype, fp8=options.fp8, overrides=overrides
         )
         self.dtype = self.model.config.params_dtype
-        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False)
-        self.ddp = DistributedDataParallel(self.model.config, ddp_config, self.model)
+        self.ddp = DistributedDataParallel(self.model.config, ddp_config(optim), self.model)
         self.model.config.finalize_model_grads_func = _finalize_without_token_scaling
         self.model.config.no_sync_func = self.ddp.no_sync
         self.optimizer, self.scheduler = build_optimizer(self.ddp, optim, self.dtype, total_steps)

@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hpt_megatron.convert import atomic_directory, load_model, load_state, read_layout, save_model, save_state
-from hpt_megatron.train.optim import MOMENTS, load_optimizer_state, optimizer_state_by_name
+from hpt_megatron.train.optim import MOMENTS, is_distributed, load_optimizer_state, optimizer_state_by_name
 
 META = "meta.json"
 FORMATS = ("torch_dist", "safetensors")
@@ -72,8 +72,20 @@ def load_training_checkpoint(actor, directory: str | Path) -> dict:
     return load_checkpoint(actor, directory)
 
 
+def _refuse_distributed_optimizer(actor, directory: Path) -> None:
+    """This format stores whole moments by parameter name; the distributed optimizer holds 1/DP
+    shards of flattened buffers, which only torch_dist saves and reshards."""
+    if is_distributed(actor.optimizer):
+        raise ValueError(
+            f"{directory}: the safetensors checkpoint format does not hold the distributed optimizer's "
+            "state (optim.distributed=true): set trainer.checkpoint_format=torch_dist, or "
+            "optim.distributed=false"
+        )
+
+
 def save_checkpoint(actor, directory: str | Path, meta: dict, overwrite: bool = False) -> None:
     """Every rank calls this (collective); ``meta`` (JSON-able) is written by rank 0."""
+    _refuse_distributed_optimizer(actor, Path(directory))
     ctx, arch, model = actor.ctx, actor.arch, actor.model
     state, opt_step = optimizer_state_by_name(actor.optimizer, model)
     params = dict(model.named_parameters())
@@ -92,6 +104,7 @@ def save_checkpoint(actor, directory: str | Path, meta: dict, overwrite: bool = 
 def load_checkpoint(actor, directory: str | Path) -> dict:
     """Restore model, optimizer and scheduler (any layout); returns the saved metadata."""
     directory = Path(directory)
+    _refuse_distributed_optimizer(actor, directory)
     ctx, arch, model = actor.ctx, actor.arch, actor.model
     meta = json.loads((directory / META).read_text())
     load_model(directory, model, ctx, arch)

@@ -14,6 +14,9 @@ What a checkpoint holds, under Megatron-LM's state-dict keys where Megatron-LM h
   to any TP/PP/DP layout on load;
 - ``optimizer``: megatron-core's optimizer ``sharded_state_dict`` (Adam moments and, under bf16, the
   fp32 master weights, keyed ``optimizer.state.exp_avg.<model key>``: they reshard like the model);
+  the distributed optimizer (``optim.distributed``) gathers its 1/DP shards into the same
+  per-parameter form (``fully_reshardable``) and resumes at any TP/PP/DP layout, but only into a
+  distributed optimizer (``hpt.distributed_optimizer`` records which kind saved);
 - ``opt_param_scheduler``, ``iteration``, ``checkpoint_version`` (common state);
 - ``hpt_rng_state``: per-rank RNG states as uint8 ShardedTensors over the (pp, tp, dp) grid, no pickle
   (Megatron-LM keeps ``rng_state`` as a pickled ShardedObject); restored when the layout is the same;
@@ -42,6 +45,7 @@ from hpt_megatron.convert.torch_dist import (
     model_sharded_state,
     safe_torch_load,
 )
+from hpt_megatron.train.optim import init_distributed_state, is_distributed
 
 FORMAT_NAME = "torch_dist"
 FORMAT_VERSION = 1
@@ -104,6 +108,14 @@ def optimizer_has_state(optimizer) -> bool:
     return any(len(opt.optimizer.state) > 0 for opt in _leaf_optimizers(optimizer))
 
 
+# The distributed optimizer's checkpoint form: its shards gathered into per-parameter tensors keyed
+# like the replicated optimizer's, so a checkpoint reshards to any TP/PP/DP layout (its param groups
+# still differ from the replicated optimizer's: see _check_optimizer_kind). megatron-core 0.16's
+# parallel form ('fully_sharded_model_space') builds flattened-range ShardedTensors that its own
+# dist_checkpointing rejects; 'dp_reshardable' would tie the checkpoint to the saved TP/PP layout.
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
 def _keep_extra_state(actor) -> bool:
     return bool(getattr(actor.model.config, "fp8", None))
 
@@ -123,12 +135,13 @@ def _save_state(actor, meta: dict) -> dict:
             "version": FORMAT_VERSION,
             "layout": asdict(SavedLayout.of(ctx)),
             "optimizer_state": with_optim,
+            "distributed_optimizer": is_distributed(actor.optimizer),
             "hf_config": actor.arch.hf_config,
             "meta": meta,
         },
     }
     if with_optim:
-        state["optimizer"] = actor.optimizer.sharded_state_dict(model)
+        state["optimizer"] = actor.optimizer.sharded_state_dict(model, metadata=OPTIMIZER_METADATA)
     return state
 
 
@@ -178,10 +191,14 @@ def load_dist_checkpoint(actor, directory: str | Path) -> dict:
             "no 'hpt' entry), e.g. one written by Megatron-LM: start from its weights with "
             f"model.megatron_checkpoint={directory} instead of trainer.resume"
         )
+    _check_optimizer_kind(directory, hpt, actor.optimizer)
     same_layout = SavedLayout(**hpt["layout"]) == SavedLayout.of(actor.ctx)
     loaded = _load_sharded(actor, directory, hpt["optimizer_state"], same_layout)
     apply_model_state(actor.model, loaded["model"], directory)
     if hpt["optimizer_state"]:
+        from patches.dist_optimizer_state import keep_adam_step_on_load
+
+        keep_adam_step_on_load()
         actor.optimizer.load_state_dict(loaded["optimizer"])
     actor.scheduler.load_state_dict(common["opt_param_scheduler"])
     if same_layout:
@@ -195,6 +212,19 @@ def load_dist_checkpoint(actor, directory: str | Path) -> dict:
     return hpt["meta"]
 
 
+def _check_optimizer_kind(directory: Path, hpt: dict, optimizer) -> None:
+    """The two optimizers' states differ in megatron-core's form (param groups, step), so a
+    checkpoint with optimizer state resumes only into the kind of optimizer that wrote it."""
+    saved = bool(hpt.get("distributed_optimizer", False))
+    if hpt["optimizer_state"] and saved != is_distributed(optimizer):
+        raise ValueError(
+            f"{directory}: saved with optim.distributed={str(saved).lower()}, resuming with "
+            f"optim.distributed={str(not saved).lower()}: set optim.distributed={str(saved).lower()} to "
+            "resume (the distributed optimizer's state reshards to any TP/PP/DP layout, but not into the "
+            "replicated optimizer or back)"
+        )
+
+
 def _load_sharded(actor, directory: Path, with_optim: bool, same_layout: bool) -> dict:
     from megatron.core import dist_checkpointing
 
@@ -203,7 +233,10 @@ def _load_sharded(actor, directory: Path, with_optim: bool, same_layout: bool) -
     model = model_sharded_state(actor.model, _keep_extra_state(actor))
     request = {"model": model}
     if with_optim:
-        request["optimizer"] = actor.optimizer.sharded_state_dict(model, is_loading=True)
+        init_distributed_state(actor.optimizer)
+        request["optimizer"] = actor.optimizer.sharded_state_dict(
+            model, is_loading=True, metadata=OPTIMIZER_METADATA
+        )
     if same_layout:
         request[RNG_KEY] = _rng_sharded(_rng_states(), actor.ctx)
     with restricted_dcp_metadata():

@@ -21,8 +21,22 @@ class StepResult:
     lr: float = 0.0
 
 
+def ddp_config(cfg: OptimConfig):
+    """Megatron's DDP settings for a model trained with ``cfg``: fp32 gradient buffers, reduced
+    after the backward pass; with ``optim.distributed`` the buffers are reduce-scattered instead of
+    all-reduced, so each data-parallel rank holds the summed gradients of its own shard."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=cfg.distributed
+    )
+
+
 def build_optimizer(ddp_model, cfg: OptimConfig, dtype: torch.dtype, total_steps: int):
-    """Megatron optimizer (torch AdamW fallback without TE/apex) and its LR scheduler."""
+    """Megatron optimizer (torch AdamW fallback without TE/apex) and its LR scheduler. With
+    ``optim.distributed`` it is Megatron's distributed optimizer: each data-parallel rank keeps
+    the Adam moments and fp32 master weights of 1/DP of the parameters, steps them, and all-gathers
+    the updated weights. Which one follows ``ddp_model``'s buffers (:func:`ddp_config`)."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
@@ -38,9 +52,14 @@ def build_optimizer(ddp_model, cfg: OptimConfig, dtype: torch.dtype, total_steps
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         params_dtype=dtype,
-        use_distributed_optimizer=False,
+        # the model's DDP buffers decide: a critic built without them stays replicated
+        use_distributed_optimizer=ddp_model.ddp_config.use_distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(opt_config, [ddp_model])
+    if opt_config.use_distributed_optimizer:
+        from patches.dist_optimizer_state import index_main_params_by_dtype_order
+
+        index_main_params_by_dtype_order(leaf_optimizers(optimizer))
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if cfg.warmup_steps else cfg.lr,
@@ -83,7 +102,7 @@ def current_lr(optimizer) -> float:
 # ---- moments by name ------------------------------------------------------------------------------
 
 
-def _leaf_optimizers(optimizer) -> list:
+def leaf_optimizers(optimizer) -> list:
     return list(getattr(optimizer, "chained_optimizers", None) or [optimizer])
 
 
@@ -104,10 +123,11 @@ MOMENTS = ("exp_avg", "exp_avg_sq")
 
 def optimizer_state_by_name(optimizer, model) -> tuple[dict[str, dict[str, torch.Tensor]], int]:
     """``({"exp_avg": {param name: tensor}, "exp_avg_sq": ..., "main_param": ...}, step)``."""
+    assert not is_distributed(optimizer), "the distributed optimizer holds shards, not whole moments"
     names = {p: n for n, p in model.named_parameters()}
     out: dict[str, dict[str, torch.Tensor]] = {k: {} for k in (*MOMENTS, "main_param")}
     step = 0
-    for opt in _leaf_optimizers(optimizer):
+    for opt in leaf_optimizers(optimizer):
         for model_param, main in _main_params(opt):
             name = names[model_param]
             state = opt.optimizer.state.get(main, {})
@@ -123,7 +143,7 @@ def optimizer_state_by_name(optimizer, model) -> tuple[dict[str, dict[str, torch
 @torch.no_grad()
 def load_optimizer_state(optimizer, model, state: dict[str, dict[str, torch.Tensor]], step: int) -> None:
     names = {p: n for n, p in model.named_parameters()}
-    for opt in _leaf_optimizers(optimizer):
+    for opt in leaf_optimizers(optimizer):
         for model_param, main in _main_params(opt):
             name = names[model_param]
             main.copy_(state["main_param"][name].to(main.dtype))
@@ -134,3 +154,30 @@ def load_optimizer_state(optimizer, model, state: dict[str, dict[str, torch.Tens
                     "step": torch.tensor(float(step)),
                     **{k: state[k][name].to(main.device, torch.float32).clone() for k in MOMENTS},
                 }
+
+
+def is_distributed(optimizer) -> bool:
+    """Whether ``optimizer`` (or the leaves of a chained one) is Megatron's distributed optimizer."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return any(isinstance(opt, DistributedOptimizer) for opt in leaf_optimizers(optimizer))
+
+
+@torch.no_grad()
+def init_distributed_state(optimizer) -> None:
+    """Give a distributed optimizer that has not stepped yet zero Adam state at step 0 (what a first
+    step would start from). megatron-core's ``DistributedOptimizer.state_dict``, which its checkpoint
+    load calls, reads the step from torch Adam's per-parameter state when TE/apex are absent, and
+    asserts that there is one."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in leaf_optimizers(optimizer):
+        if not isinstance(opt, DistributedOptimizer):
+            continue
+        for group in opt.optimizer.param_groups:
+            for p in group["params"]:
+                state = opt.optimizer.state[p]
+                if not state:
+                    state.update(
+                        step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p)
+                    )

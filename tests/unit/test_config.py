@@ -146,7 +146,7 @@ def test_unknown_key_suggests_the_closest(recipe):
     )
     assert error_of(recipe(""), ["optim.learning_rate=1"]) == (
         f"{path}: unknown key 'optim.learning_rate'; valid keys under 'optim': "
-        "betas, eps, grad_clip, lr, min_lr, schedule, skip_grad_norm_above, warmup_steps, weight_decay"
+        "betas, distributed, eps, grad_clip, lr, min_lr, schedule, skip_grad_norm_above, warmup_steps, weight_decay"
     )
     msg = error_of(recipe("trainr: {}\n"))
     assert msg == (

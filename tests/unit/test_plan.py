@@ -19,6 +19,7 @@ from hpt_megatron.plan.memory import (
     estimate_memory,
     stage_parameters,
 )
+from hpt_megatron.plan.text import render_text
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 QWEN7B = CONFIGS / "qwen2.5-math-7b_hpt.yaml"
@@ -48,7 +49,7 @@ def test_parameter_count_equals_the_hf_model(name, published_billions):
 
 
 def test_qwen7b_per_gpu_bytes_by_hand():
-    cfg = load_config(QWEN7B)
+    cfg = load_config(QWEN7B, ["parallel.tp=4", "optim.distributed=false"])  # the replicated layout
     assert (cfg.parallel.tp, cfg.parallel.pp) == (4, 1)
     # Qwen2.5-Math-7B: h 3584, 28 layers, 28 heads of 128, 4 kv heads, ffn 18944, vocab 152064, untied.
     h, layers, q, kv, f, vocab, tp = 3584, 28, 28 * 128, 4 * 128, 18944, 152064, 4
@@ -65,6 +66,34 @@ def test_qwen7b_per_gpu_bytes_by_hand():
     # colocated vLLM: 0.45 x 80 GiB, of which a full bf16 replica of the 7.6e9 weights
     assert memory.rollout == int(0.45 * 80 * GIB)
     assert memory.kv_cache == memory.rollout - 2 * 7_615_616_512
+
+
+def test_distributed_optimizer_shards_adam_and_master_weights_by_hand():
+    """optim.distributed at TP 2 x DP 4: Adam moments + fp32 master (12 B) over the 4 DP ranks, the
+    fp32 grad buffer (4 B) and bf16 weights whole; the PPO critic keeps its replicated optimizer."""
+    h, layers, q, kv, f, vocab, tp, dp = 3584, 28, 28 * 128, 4 * 128, 18944, 152064, 2, 4
+    split = h * (q + 2 * kv) + (q + 2 * kv) + q * h + 3 * h * f
+    per_gpu = layers * (split // tp + 2 * h) + 2 * (vocab // tp) * h + h
+    replicated = load_config(QWEN7B, ["optim.distributed=false"])
+    sharded = load_config(QWEN7B)  # the recipe: TP 2 with the distributed optimizer
+    assert sharded.dp == dp
+    (rep,) = estimate_memory(replicated, replicated.model.arch(), 80).stages
+    memory = estimate_memory(sharded, sharded.model.arch(), 80)
+    (stage,) = memory.stages
+    assert stage.params == rep.params == per_gpu
+    assert (stage.weights, stage.grads) == (2 * per_gpu, 4 * per_gpu)
+    assert stage.optimizer == -(-per_gpu // dp) * 12 and rep.optimizer == 12 * per_gpu
+    assert memory.distributed_optimizer_saving == rep.optimizer - stage.optimizer
+    # at TP 2 the replicated optimizer does not fit 80 GB; the distributed one does
+    assert not make_plan(replicated, 80).fits
+    plan = make_plan(sharded, 80)
+    assert plan.fits
+    assert "distributed optimizer: 1/4 of them per GPU" in render_text(plan, sharded)
+    ppo = ["parallel.tp=2", "optim.distributed=true", "algo={preset: ppo}"]
+    critic = load_config(QWEN7B, ppo)
+    (with_critic,) = estimate_memory(critic, critic.model.arch(), 80).stages
+    value_params = per_gpu - (vocab // tp) * h + h + 1  # no output layer, a scalar head
+    assert with_critic.critic == value_params * (2 + 4 + 12)
 
 
 def test_stages_and_tensor_ranks_add_up_to_the_model():
@@ -97,7 +126,7 @@ def test_does_not_fit_names_the_key_and_every_fix_fits():
     plan = make_plan(cfg, gpu_mem_gb=80)
     assert not plan.fits
     assert plan.verdict.startswith("DOES NOT FIT") and "parallel.tp" in plan.verdict
-    assert "parallel.tp=4" in plan.fixes
+    assert "parallel.tp=2" in plan.fixes  # the recipe's layout (with its distributed optimizer)
     for fix in plan.fixes:
         assert make_plan(load_config(QWEN7B, ["parallel.tp=1", fix]), gpu_mem_gb=80).fits, fix
 

@@ -37,6 +37,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from hpt_megatron.experiments.compare import algo_overrides
 from hpt_megatron.observability.metrics import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,8 +45,18 @@ RECIPE = ROOT / "configs" / "tiny_cpu.yaml"
 METHODS = ("sft", "grpo", "sft_then_grpo", "luffy", "srft", "hpt")
 GAMMAS = (0, 1, 2)
 PASS_K = (1, 2, 4, 8, 16)
-TASK = "{train: 20000, val: 200, seed: 0, min_steps: 1, max_steps: 3, max_value: 12, max_start: 9, max_operand: 5}"
-BASE_TASK = "{train: 10000, val: 200, seed: 1, min_steps: 1, max_steps: 1, max_value: 12, max_start: 9, max_operand: 5}"
+# the target task's difficulty (data.synthetic keys, also hpt_megatron.data.synthetic.Difficulty's)
+TARGET = {"min_steps": 1, "max_steps": 3, "max_value": 12, "max_start": 9, "max_operand": 5}
+
+
+def synthetic(train: int, seed: int, **difficulty: int) -> str:
+    """A ``data.synthetic=`` value: the target task with ``difficulty`` overrides."""
+    keys = {"train": train, "val": 200, "seed": seed, **TARGET, **difficulty}
+    return "{" + ", ".join(f"{k}: {v}" for k, v in keys.items()) + "}"
+
+
+TASK = synthetic(20000, seed=0)
+BASE_TASK = synthetic(10000, seed=1, max_steps=1)  # the easier related distribution: one operation
 LENGTHS = ("data.max_response_len=64", "rollout.max_new_tokens=48", "eval.max_new_tokens=48")
 
 
@@ -86,17 +97,11 @@ class RunSpec:
 
 
 def method_overrides(spec: RunSpec, steps: int) -> list[str]:
-    """How each method differs from the shared recipe."""
+    """How each method differs from the shared recipe (as in the from-scratch comparison, except HPT's
+    gate threshold, which the ablation varies)."""
     if spec.method == "hpt":
         return [f"algo={{preset: hpt_official, gate: {{gamma: {spec.gamma}}}}}"]
-    if spec.method == "sft_then_grpo":
-        half = steps // 2
-        phases = (
-            f"[{{name: sft, steps: {half}, algo: {{preset: sft}}}}, "
-            f"{{name: grpo, steps: {steps - half}, algo: {{preset: grpo}}}}]"
-        )
-        return [f"trainer.phases={phases}", "algo={preset: grpo}"]
-    return [f"algo={{preset: {spec.method}}}"]
+    return algo_overrides(spec.method, steps)
 
 
 def hpt_train(run_dir: Path, overrides: list[str], log: Path) -> None:
@@ -136,7 +141,7 @@ def write_test_split(out: Path, budget: Budget) -> Path:
 
     path = out / "test.parquet"
     if not path.exists():
-        difficulty = Difficulty(min_steps=1, max_steps=3, max_value=12, max_start=9, max_operand=5)
+        difficulty = Difficulty(**TARGET)
         problems = generate_problems(budget.test_problems, split="val", seed=1000, difficulty=difficulty)
         write_rows([problem_to_row(p, split="val", index=i) for i, p in enumerate(problems)], path)
     return path

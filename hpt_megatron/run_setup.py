@@ -137,6 +137,13 @@ def setup_run(cfg: Config):
         meta = cluster.load(str(resume_from))
         data.sampler.load_state_dict(meta["sampler"])
         run.start_step, run.bad_steps = int(meta["step"]), int(meta.get("bad_steps", 0))
+        ahead = meta.get("rollouts_ahead", [])  # generations queued when the checkpoint was taken
+        if run.ahead is not None:
+            run.ahead.load_state_dict(ahead)
+        else:
+            from hpt_megatron.async_rollouts import Rollout
+
+            run.carried = {d["step"]: Rollout.from_state_dict(d) for d in ahead}
         truncate_jsonl(run_dir / "metrics.jsonl", run.start_step)
         print(f"resumed from {resume_from} at step {run.start_step}", flush=True)
     return run

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from hpt_megatron.algo import AlgoConfig, Source, count_rows, mean_metrics, plan_rows
+from hpt_megatron.async_rollouts import Rollout, RolloutsAhead
 from hpt_megatron.config import Config
 from hpt_megatron.observability.metrics import MetricsLogger, print_rank0
 from hpt_megatron.observability.timing import StageTimer
@@ -51,6 +52,12 @@ class Run:
     last_eval: dict = field(default_factory=dict)
     flops_shape: object = None  # observability.flops.DecoderShape of the actor, for MFU
     peak_flops: float | None = None  # per device; None where unknown (CPU)
+    ahead: RolloutsAhead | None = None  # the queued generations (rollout.async_staleness > 0)
+    carried: dict[int, Rollout] = field(default_factory=dict)  # a resumed async run's, in sync mode
+
+    def __post_init__(self):
+        if self.cfg.rollout.async_staleness and self.ahead is None:
+            self.ahead = RolloutsAhead(self, self.cfg.rollout.async_staleness, sampling_params)
 
     @property
     def total_steps(self) -> int:
@@ -68,9 +75,9 @@ class Run:
 # ---- one step -------------------------------------------------------------------------------------
 
 
-def generate(run: Run, prompts: list[list[int]], n: int, step: int):
+def sampling_params(run: Run, n: int, step: int) -> SamplingParams:
     r = run.cfg.rollout
-    params = SamplingParams(
+    return SamplingParams(
         n=n,
         temperature=r.temperature,
         top_p=r.top_p,
@@ -79,7 +86,25 @@ def generate(run: Run, prompts: list[list[int]], n: int, step: int):
         stop=tuple(r.stop),
         seed=run.cfg.trainer.seed * SEED_STRIDE + step,
     )
-    return run.cluster.generate(prompts, params)
+
+
+def rollouts(run: Run, step: int) -> Rollout:
+    """The step's prompts and their rollouts: generated now (synchronous), or taken from the queue
+    of generations ahead (asynchronous; rollout.async_staleness)."""
+    if run.ahead is not None:
+        return run.ahead.take(step)
+    if step in run.carried:  # generated before the checkpoint this synchronous run resumed from
+        return run.carried.pop(step)
+    indices = next(run.data.sampler)
+    n = run.algo_at(step).gate.rollouts_per_prompt(run.cfg.rollout.n)
+    out = Rollout(step, indices, n, version=step)
+    if n:
+        prompts = [it.prompt_ids for it in run.data.train.batch(indices)]
+        out.completions = run.cluster.generate(prompts, sampling_params(run, n, step))
+        run.cluster.sleep_engines()
+    else:
+        out.completions = [[] for _ in indices]
+    return out
 
 
 def score(run: Run, items, completions) -> torch.Tensor:
@@ -123,6 +148,17 @@ def old_logprobs(run: Run, batch) -> None:
     batch.old_logp_BT = out["logp_BT"].to(batch.loss_mask_BT.dtype)
 
 
+def behaviour_old_logp(batch) -> None:
+    """pi_old := the policy that sampled the rows, on the rollout rows' tokens (the engine's
+    log-probs; rollout.async_pi_old=behaviour). Elsewhere pi_old stays the recomputed one, or NaN,
+    which the actor reads as its current policy (demonstrations, tokens without an engine log-prob)."""
+    rollout_BT = batch.rollout_logp_BT
+    given = batch.old_logp_BT if batch.old_logp_BT is not None else torch.full_like(rollout_BT, float("nan"))
+    rl_BT = (batch.source_B == int(Source.RL))[:, None] & batch.loss_mask_BT.bool() & ~rollout_BT.isnan()
+    batch.old_logp_BT = torch.where(rl_BT, rollout_BT, given)
+    batch.old_is_behaviour = True
+
+
 def update(run: Run, step_batch, num_prompts: int, algo: AlgoConfig) -> dict:
     """ppo_epochs passes over mini-batches of prompts, one optimizer step each."""
     parts, skipped = [], []
@@ -142,12 +178,10 @@ def update(run: Run, step_batch, num_prompts: int, algo: AlgoConfig) -> dict:
 def train_step(run: Run, step: int) -> dict:
     cfg, algo = run.cfg, run.algo_at(step)
     timer = StageTimer(nvtx=cfg.profile.nvtx)
-    items = run.data.train.batch(next(run.data.sampler))
-    prompts = [it.prompt_ids for it in items]
-    n_roll = algo.gate.rollouts_per_prompt(cfg.rollout.n)
     with timer.stage("rollout"):
-        completions = generate(run, prompts, n_roll, step) if n_roll else [[] for _ in prompts]
-        run.cluster.sleep_engines()
+        ro = rollouts(run, step)
+    items, n_roll, completions = run.data.train.batch(ro.indices), ro.n, ro.completions
+    prompts = [it.prompt_ids for it in items]
     with timer.stage("reward"):
         rewards = score(run, items, completions)
     with timer.stage("gate"):
@@ -157,6 +191,9 @@ def train_step(run: Run, step: int) -> dict:
         values = rollout_values(run, step, algo)  # the critic's, for GAE (PPO); None otherwise
         step_batch = build_step_batch(plan, prompts, completions, demos, rewards, demo_rewards, algo, values)
     metrics = step_metrics(routing, rewards, completions, plan)
+    if run.ahead is not None:
+        metrics["rollout/staleness"] = float(ro.staleness)
+        metrics.update(ro.probe)
     if step_batch is not None:
         batch = step_batch.batch
         metrics["rollout/empty_responses"] = float(step_batch.skipped_empty)
@@ -166,6 +203,8 @@ def train_step(run: Run, step: int) -> dict:
             # forward instead of a separate pass
             with timer.stage("old_logprobs"):
                 old_logprobs(run, batch)
+        if run.ahead is not None and cfg.rollout.async_pi_old == "behaviour":
+            behaviour_old_logp(batch)
         if not warmup:
             with timer.stage("update"):
                 metrics.update(update(run, step_batch, len(items), algo))
@@ -173,11 +212,14 @@ def train_step(run: Run, step: int) -> dict:
             with timer.stage("critic"):
                 metrics.update(update_critic(run, step_batch, values, len(items), algo))
             metrics["critic/warmup"] = float(warmup)
-        if step == run.start_step:
+        if step == run.start_step and ro.staleness == 0:
             check_initial_mismatch(run, metrics)
         metrics["perf/train_tokens"] = float(batch.loss_mask_BT.sum())
     with timer.stage("weight_sync"):
-        metrics.update(run.cluster.sync_weights())
+        if run.ahead is not None:
+            metrics.update(run.ahead.weights_updated(step + 1))
+        else:
+            metrics.update(run.cluster.sync_weights())
     metrics.update(timer.metrics())
     total = sum(timer.seconds.values())
     metrics["perf/step_s"] = total
@@ -290,6 +332,12 @@ def save_checkpoint(run: Run, step: int) -> Path:
     fmt = run.cfg.trainer.checkpoint_format
     path = checkpoint_dir(run.run_dir, step, fmt)
     meta = {"step": step, "sampler": run.data.sampler.state_dict(), "bad_steps": run.bad_steps}
+    # the generations queued for the next steps (the sampler is past their prompts)
+    ahead = (
+        run.ahead.state_dict() if run.ahead is not None else [r.state_dict() for r in run.carried.values()]
+    )
+    if ahead:
+        meta["rollouts_ahead"] = ahead
     run.cluster.save(str(path), meta)
     _point_latest(path.parent, path, step, fmt)
     _prune(run.run_dir / "checkpoints", run.cfg.trainer.keep_last)
@@ -356,6 +404,16 @@ def fit(run: Run) -> int:
         disable=not cfg.logging.progress,
         dynamic_ncols=True,
     )
+    try:
+        return _fit_steps(run, bar, window)
+    finally:
+        bar.close()
+        if run.ahead is not None:
+            run.ahead.close()
+
+
+def _fit_steps(run: Run, bar, window: tuple) -> int:
+    cfg = run.cfg
     if cfg.trainer.eval_before_train and run.start_step == 0:
         run.last_eval = evaluate(run, 0)
         run.sink.log(0, run.last_eval)
@@ -385,7 +443,6 @@ def fit(run: Run) -> int:
             return PREEMPTED
         if cfg.trainer.save_every and done % cfg.trainer.save_every == 0 and done < run.total_steps:
             save_checkpoint(run, done)
-    bar.close()
     return 0
 
 

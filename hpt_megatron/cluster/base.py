@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from hpt_megatron.algo import AlgoConfig, Counts, Source, merge_metrics
+from hpt_megatron.cluster.probe import StaleEngineError, check_probe  # noqa: F401 (StaleEngineError: re-exported)
 from hpt_megatron.rollout import Completion, SamplingParams
 from hpt_megatron.rollout.base import split_prompts
 from hpt_megatron.train.batching import TrainBatch, build_train_batch
@@ -20,10 +21,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-class StaleEngineError(RuntimeError):
-    """A rollout engine failed the probe after a weight sync."""
 
 
 class Cluster:
@@ -100,25 +97,55 @@ class Cluster:
         (mean absolute log-prob difference) still serves other weights - a sync that silently did
         nothing - and stops the run (StaleEngineError); the others are marked verified."""
         outs = self._call_all("sync_weights")
-        ids = self.probe_ids
-        probe = build_train_batch([(ids, 1)], [int(Source.RL)], [1.0])
-        actor = self.compute_logprobs(probe, temperature=1.0)["logp_BT"][0, : len(ids) - 1].double()
-        diffs = [(torch.tensor(o["probe_logp"], dtype=torch.float64) - actor).abs() for o in outs]
-        tol = self.probe_tolerance
-        for rank, d in enumerate(diffs):
-            if not bool(torch.isfinite(d).all()) or float(d.mean()) > tol:
-                raise StaleEngineError(
-                    f"rank {rank}: after the weight sync its rollout engine's log-probs of the probe "
-                    f"sequence differ from the actor's by {float(d.mean()):.3g} on average (max "
-                    f"{float(d.max()):.3g}; rollout.probe_tolerance = {tol:g}): the engine does not serve "
-                    "the trained weights, so its rollouts would be off-policy. Check the weight sync "
-                    "(README: vLLM), or raise rollout.probe_tolerance if the dtypes differ on purpose."
-                )
+        actor = self.actor_probe_logp()
+        diffs = [
+            check_probe(rank, o["probe_logp"], actor, self.probe_tolerance) for rank, o in enumerate(outs)
+        ]
         self._call_all("mark_engine_verified")
         metrics = dict(outs[0]["metrics"])
-        metrics["rollout/probe_logp_diff_mean_max"] = max(float(d.mean()) for d in diffs)
-        metrics["rollout/probe_logp_diff_max"] = max(float(d.max()) for d in diffs)
+        for key in diffs[0]:
+            metrics[key] = max(d[key] for d in diffs)
         return metrics
+
+    def actor_probe_logp(self) -> torch.Tensor:
+        """The actor's (untempered) log-probs of the probe sequence's tokens after the first."""
+        ids = self.probe_ids
+        probe = build_train_batch([(ids, 1)], [int(Source.RL)], [1.0])
+        return self.compute_logprobs(probe, temperature=1.0)["logp_BT"][0, : len(ids) - 1].double()
+
+    # ---- asynchronous rollouts (rollout.async_staleness > 0) -------------------------------------------
+
+    def submit_generate(self, ticket: int, prompts: list[list[int]], params: SamplingParams) -> None:
+        """Queue a generation on every rank's engine thread, behind the work queued before it
+        (earlier generations, weight loads); ``collect_generate(ticket)`` returns it."""
+        self._call_each(
+            "submit_generate", [(ticket, *s) for s in split_prompts(prompts, params, self.world_size)]
+        )
+
+    def collect_generate(self, ticket: int) -> tuple[list[list[Completion]], dict[int, dict[str, float]]]:
+        """A queued generation's completions (waiting for it), in prompt order, and the probe checks
+        of the weight loads that finished meanwhile, by weights version (worst rank)."""
+        outs = self._call_all("collect_generate", ticket)
+        completions = [c for o in outs for c in o["completions"]]
+        loads: dict[int, dict[str, float]] = {}
+        for o in outs:
+            for version, report in o["loads"].items():
+                merged = loads.setdefault(version, {})
+                for k, v in report.items():
+                    merged[k] = max(v, merged.get(k, v))
+        return completions, loads
+
+    def submit_sync(self, version: int) -> dict[str, float]:
+        """Snapshot the actor's weights (the actor after ``version`` steps) for every engine and queue
+        their load behind the queued generations; each engine then checks the probe against the
+        actor's log-probs of now (a failure surfaces at the next collect). Returns the time the actor
+        waited."""
+        actor = self.actor_probe_logp().tolist()
+        return self._call_all("submit_sync", actor, self.probe_tolerance, version)[0]
+
+    def cancel_generations(self) -> None:
+        """Drop queued generations that have not started (the run ends)."""
+        self._call_all("cancel_generations")
 
     def start_engines(self) -> None:
         """Once the workers are up: learn the probe, and load and verify every engine's first weights."""

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -107,6 +109,13 @@ class PolicyWorker:
         self.manifest = hf_manifest(self.arch, self.sync_dtype)
         self.engine = self._make_engine()
         self.probe_ids = probe_tokens(self.arch.vocab_size)
+        # asynchronous rollouts: one thread owns the engine and runs its work in submission order
+        # (generations, weight loads, probes), so each generation sees the weights queued before it
+        self._engine_thread = self._start_engine_thread() if cfg.rollout.async_staleness else None
+        self._queued: dict[int, Future] = {}  # ticket -> generation
+        self._load_reports: dict[int, dict] = {}  # weights version -> its load's probe check
+        self._reports_lock = threading.Lock()
+        self._engine_error: BaseException | None = None
         from hpt_megatron.observability.timing import ProfileWindow
 
         p = cfg.profile
@@ -177,6 +186,11 @@ class PolicyWorker:
         return torch.cuda.get_device_name(self.ctx.device) if self.ctx.device.type == "cuda" else "cpu"
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        if self._engine_thread is not None:  # behind the queued work, with the weights queued last
+            return self._on_engine(self._generate, prompts, params).result()
+        return self._generate(prompts, params)
+
+    def _generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
         return self.engine.generate(prompts, params) if prompts else []
 
     def compute_logprobs(
@@ -202,16 +216,100 @@ class PolicyWorker:
         generate) until the driver has compared that score with the actor's (Cluster.sync_weights)."""
         start = time.perf_counter()
         buckets = self.actor.export_weights(self.cfg.rollout.bucket_mb * 2**20, dtype=self.sync_dtype)
-        self.engine.load_weights(buckets, self.manifest)
-        self.engine.wake()
+        if self._engine_thread is not None:
+            probe = self._on_engine(self._load_and_score, self._snapshot(buckets)).result()
+        else:
+            probe = self._load_and_score(buckets)
         seconds = time.perf_counter() - start
         return {
             "metrics": {
                 "perf/weight_sync_s": seconds,
                 "perf/weight_sync_bytes": float(self.manifest.total_bytes),
             },
-            "probe_logp": self.engine.score(self.probe_ids),
+            "probe_logp": probe,
         }
+
+    def _load_and_score(self, buckets) -> list[float]:
+        self.engine.load_weights(buckets, self.manifest)
+        self.engine.wake()
+        return self.engine.score(self.probe_ids)
+
+    # ---- asynchronous rollouts: the engine thread ---------------------------------------------------
+
+    def _start_engine_thread(self) -> ThreadPoolExecutor:
+        """On CPU the engine thread and the actor split this rank's cores (torch's thread count is
+        per thread): both at full width would contend for every core, slowing both."""
+        threads, cpu = torch.get_num_threads(), self.ctx.device.type == "cpu"
+        engine = (self.cfg.rollout.async_engine_threads or max(1, threads // 2)) if cpu else threads
+        if cpu:
+            torch.set_num_threads(max(1, threads - engine))
+        return ThreadPoolExecutor(
+            1, thread_name_prefix="rollout", initializer=torch.set_num_threads, initargs=(engine,)
+        )
+
+    def _on_engine(self, fn, *args) -> Future:
+        """Queue ``fn(*args)`` on the engine thread. After one job fails every later one fails with
+        the same error, so a stale engine never serves another generation."""
+
+        def job():
+            if self._engine_error is not None:
+                raise self._engine_error
+            try:
+                return fn(*args)
+            except BaseException as e:
+                self._engine_error = e
+                raise
+
+        return self._engine_thread.submit(job)
+
+    def _require_async(self, method: str) -> None:
+        if self._engine_thread is None:
+            raise RuntimeError(f"PolicyWorker.{method} needs rollout.async_staleness > 0")
+
+    @staticmethod
+    def _snapshot(buckets) -> list:
+        """Copies of the exported tensors (an export in the parameters' own dtype may return the
+        parameters themselves, which the actor keeps training while the engine loads)."""
+        return [[(name, t.detach().clone()) for name, t in bucket] for bucket in buckets]
+
+    def submit_generate(self, ticket: int, prompts: list[list[int]], params: SamplingParams) -> None:
+        self._require_async("submit_generate")
+        self._queued[ticket] = self._on_engine(self._generate, prompts, params)
+
+    def collect_generate(self, ticket: int) -> dict:
+        self._require_async("collect_generate")
+        completions = self._queued.pop(ticket).result()
+        with self._reports_lock:
+            reports, self._load_reports = self._load_reports, {}
+        return {"completions": completions, "loads": reports}
+
+    def submit_sync(self, actor_probe: list[float], tol: float, version: int) -> dict:
+        """Snapshot the weights now (collective), load them on the engine thread after the queued
+        generations, then check the probe there against ``actor_probe`` (the actor's log-probs of
+        these weights); the check is reported, under ``version``, by a later collect_generate."""
+        from hpt_megatron.cluster.probe import check_probe
+
+        self._require_async("submit_sync")
+        start = time.perf_counter()
+        buckets = self.actor.export_weights(self.cfg.rollout.bucket_mb * 2**20, dtype=self.sync_dtype)
+        buckets = self._snapshot(buckets)
+        export_s = time.perf_counter() - start
+        expected = torch.tensor(actor_probe, dtype=torch.float64)
+
+        def load_and_check():
+            begin = time.perf_counter()
+            report = check_probe(self.ctx.rank, self._load_and_score(buckets), expected, tol)
+            self.engine.mark_verified()
+            with self._reports_lock:
+                self._load_reports[version] = {**report, "perf/weight_load_s": time.perf_counter() - begin}
+
+        self._on_engine(load_and_check)
+        return {"perf/weight_sync_s": export_s, "perf/weight_sync_bytes": float(self.manifest.total_bytes)}
+
+    def cancel_generations(self) -> None:
+        for future in self._queued.values():
+            future.cancel()
+        self._queued.clear()
 
     def probe_setup(self) -> tuple[list[int], float]:
         """The probe sequence and the tolerance of its mean |log-prob difference|: rollout.probe_tolerance,

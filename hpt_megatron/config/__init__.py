@@ -129,6 +129,15 @@ class RolloutConfig:
     probe_tolerance: float | None = None
     max_num_seqs: int = 256  # vLLM: sequences decoded at once
     cpu_kv_cache_gib: float = 1.0  # vLLM-CPU: KV cache size (VLLM_CPU_KVCACHE_SPACE, unless set)
+    # asynchronous rollouts: the engines generate step t + k's rollouts while step t trains, so a
+    # step's rollouts come from weights at most k steps old. 0: synchronous (generate, then train)
+    async_staleness: int = 0
+    # pi_old of stale rollout rows: "behaviour", the engine's log-probs (the policy that sampled
+    # them: ratios and clipping against it); "actor", the actor's current weights as in synchronous
+    # mode (the staleness then enters only rho = pi_old / pi_rollout of algo corrections)
+    async_pi_old: Literal["behaviour", "actor"] = "behaviour"
+    # CPU: torch threads of the engine's thread (the actor keeps the rest); 0: half the rank's
+    async_engine_threads: int = 0
 
 
 @dataclass
@@ -463,6 +472,20 @@ def _validate_positive(cfg: Config) -> None:
         raise ConfigError("rollout.temperature must be >= 0 and rollout.top_p in (0, 1]")
     if cfg.reward.timeout_s <= 0:
         raise ConfigError(f"reward.timeout_s must be > 0, got {cfg.reward.timeout_s}")
+    if cfg.rollout.async_staleness < 0:
+        raise ConfigError(
+            f"rollout.async_staleness must be >= 0 (0: synchronous rollouts), got {cfg.rollout.async_staleness}"
+        )
+    if cfg.rollout.async_engine_threads < 0:
+        raise ConfigError(
+            f"rollout.async_engine_threads must be >= 0 (0: half the rank's threads), got {cfg.rollout.async_engine_threads}"
+        )
+    if cfg.rollout.async_staleness and cfg.rollout.engine == "vllm":
+        raise ConfigError(
+            "rollout.async_staleness > 0 needs rollout.engine=hf for now: the colocated vLLM engine "
+            "sleeps while the actor trains on the same GPU, so it cannot generate meanwhile; set "
+            "rollout.async_staleness=0"
+        )
 
 
 def _validate_layout(cfg: Config) -> None:

@@ -254,8 +254,12 @@ class MegatronActor:
         def cast(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.to(logits.device, dtype)
 
-        # Without a recomputed pi_old (one update per step), pi_old IS the current policy.
-        old = cast(b.old_logp_BT) if b.old_logp_BT is not None else logp.detach()
+        # Without a recomputed pi_old (one update per step), pi_old IS the current policy; so it is
+        # where a given pi_old is NaN (behaviour pi_old: the rows no engine sampled)
+        old = logp.detach()
+        if b.old_logp_BT is not None:
+            given = cast(b.old_logp_BT)
+            old = torch.where(given.isnan(), old, given)
         x = LossInputs(
             logp_BT=logp,
             mask_BT=cast(b.loss_mask_BT),
@@ -270,7 +274,9 @@ class MegatronActor:
         )
         loss, metrics = upge_loss(algo, x, counts)
         if x.rollout_logp_BT is not None:
-            metrics.update(rollout_mismatch(old, x.rollout_logp_BT, x, counts))  # engine vs pi_old
+            # engine vs pi_old; with a behaviour pi_old (equal to the engine's), vs the current policy
+            reference = logp.detach() if b.old_is_behaviour else old
+            metrics.update(rollout_mismatch(reference, x.rollout_logp_BT, x, counts))
         return loss, torch.tensor(1), {k: v.detach().clone().cpu() for k, v in metrics.items()}
 
     # ---- weights ------------------------------------------------------------------------------------

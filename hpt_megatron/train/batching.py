@@ -32,6 +32,9 @@ class TrainBatch:
     old_logp_BT: Tensor | None = None
     rollout_logp_BT: Tensor | None = None  # log-probs under the sampling engine
     ref_logp_BT: Tensor | None = None
+    # old_logp_BT holds the sampling policy's log-probs on rollout tokens (asynchronous rollouts,
+    # rollout.async_pi_old=behaviour) and NaN where pi_old is the current policy
+    old_is_behaviour: bool = False
 
     @property
     def num_rows(self) -> int:
@@ -43,8 +46,8 @@ class TrainBatch:
         width = int(self.lengths_B[idx].max()) if len(idx) else 1
 
         def take(t: Tensor | None, cols: int | None) -> Tensor | None:
-            if t is None:
-                return None
+            if not isinstance(t, Tensor):
+                return t
             t = t[idx]
             return t[:, :cols] if cols is not None else t
 

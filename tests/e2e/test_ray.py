@@ -56,6 +56,22 @@ def test_tp2_on_two_ray_workers_matches_tp1(hf_start, tmp_path):
         assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
 
 
+def test_async_rollouts_on_two_ray_workers_match_tp1(hf_start, tmp_path):
+    """Each Ray worker's engine thread generates ahead while its actor trains (the collective weight
+    export stays on the actor's thread); three steps of staleness-1 LUFFY equal the in-process run."""
+    common = (f"model.path={hf_start}", "model.hf_config=", "algo={preset: luffy}", "optim.warmup_steps=0",
+              "rollout.async_staleness=1")  # fmt: skip
+    one = hpt_train(tmp_path / "tp1", 3, *common)
+    two = hpt_train(tmp_path / "tp2", 3, *common, "cluster.devices_per_node=2", "parallel.tp=2")
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    for a, b in zip(metrics(tmp_path / "tp1"), metrics(tmp_path / "tp2"), strict=True):
+        assert b["rollout/staleness"] == a["rollout/staleness"] == min(a["step"] - 1, 1)
+        luffy = ("loss/rl", "loss/offpolicy", "rl/ratio_max", "rollout/logp_mismatch_abs")
+        for key in (*(k for k in KEYS if k != "loss/sft"), *luffy):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
+
+
 def test_a_dead_worker_stops_the_driver_with_its_log(tmp_path):
     from hpt_megatron.cluster.ray_cluster import RayCluster, WorkerDied
     from hpt_megatron.config import load_config

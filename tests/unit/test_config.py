@@ -220,6 +220,14 @@ def test_impossible_combinations(recipe):
         "Transformer Engine installed)"
     )
 
+    assert error_of(path, ["rollout.async_staleness=-1"]) == (
+        f"{path}: rollout.async_staleness must be >= 0 (0: synchronous rollouts), got -1"
+    )
+    assert error_of(path, ["rollout.async_staleness=1", "rollout.engine=vllm"]).startswith(
+        f"{path}: rollout.async_staleness > 0 needs rollout.engine=hf for now"
+    )
+    assert "rollout.async_pi_old" in error_of(path, ["rollout.async_pi_old=proximal"])
+
 
 def test_unsupported_architecture(recipe, tmp_path):
     path = recipe("")

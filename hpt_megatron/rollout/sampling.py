@@ -46,6 +46,9 @@ def gumbel_noise(generators: list[torch.Generator], vocab: int) -> Tensor:
     return -torch.log(-torch.log(u.clamp_min(1e-300)))
 
 
+COMPACT_AT = 8  # shrink the batch once 1 / COMPACT_AT of its sequences have ended
+
+
 @torch.no_grad()
 def sample(
     model,
@@ -75,6 +78,9 @@ def sample(
     lengths = torch.zeros(b, dtype=torch.long, device=device)
     positions = (attn.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=attn, position_ids=positions, use_cache=True)
+    cache = out.past_key_values
+    rows = torch.arange(b, device=device)  # each running sequence's row of the batch
+    ended = torch.zeros(b, dtype=torch.bool, device=device)  # per running sequence
     for t in range(max_new_tokens):
         logits = out.logits[:, -1].float()
         scaled = logits / (temperature if temperature > 0 else 1.0)
@@ -85,20 +91,36 @@ def sample(
         else:
             choice = scaled.argmax(-1)
         logp = torch.log_softmax(scaled, -1).gather(-1, choice[:, None]).squeeze(-1)
-        live = ~done
-        tokens[:, t] = torch.where(live, choice, pad_id)
-        logprobs[:, t] = torch.where(live, logp, 0.0)
-        lengths += live.long()
-        done |= live & torch.isin(choice, eos)
-        if bool(done.all()):
+        live = ~ended
+        tokens[rows[live], t] = choice[live]
+        logprobs[rows[live], t] = logp[live]
+        lengths[rows[live]] += 1
+        ended |= live & torch.isin(choice, eos)
+        if bool(ended.all()):
             break
-        attn = torch.cat([attn, live.long()[:, None]], dim=1)
+        if int(ended.sum()) * COMPACT_AT >= len(rows):
+            # drop the ended sequences from the batch and the KV cache, so decoding costs what the
+            # running ones need (each draws from its own generator: nothing else changes)
+            keep = (~ended).nonzero().squeeze(1)
+            done[rows[ended]] = True
+            rows, choice, ended, attn, positions = (
+                rows[keep],
+                choice[keep],
+                ended[keep],
+                attn[keep],
+                positions[keep],
+            )
+            generators = [generators[i] for i in keep.tolist()]
+            cache.batch_select_indices(keep)
+        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
         positions = positions[:, -1:] + 1
         out = model(
             input_ids=choice[:, None],
             attention_mask=attn,
             position_ids=positions,
-            past_key_values=out.past_key_values,
+            past_key_values=cache,
             use_cache=True,
         )
+        cache = out.past_key_values
+    done[rows[ended]] = True
     return Sampled(tokens.cpu(), logprobs.cpu(), lengths.cpu(), done.cpu())

@@ -66,6 +66,34 @@ def test_samples_do_not_depend_on_batching_or_sharding(engine):
     assert [[c.token_ids for c in r] for r in other] != [[c.token_ids for c in r] for r in whole]
 
 
+def test_ended_sequences_leave_the_batch_without_changing_any_sample(monkeypatch):
+    """Sequences that end are dropped from the batch and its KV cache as decoding goes on; every
+    sample equals the one drawn alone (batch of one, nothing to drop), log-probs to numerics."""
+    from transformers.cache_utils import Cache
+
+    model = hf_tiny.tiny_model("qwen2")
+    model.generation_config.eos_token_id = list(range(0, hf_tiny.VOCAB, 4))  # a quarter of the vocab
+    engine = HFEngine(model, Tok(), max_batch=512)
+    params = SamplingParams(n=6, temperature=1.0, max_new_tokens=16, seed=5)
+    drops = []
+    select = Cache.batch_select_indices
+    monkeypatch.setattr(
+        Cache, "batch_select_indices", lambda self, i: (drops.append(len(i)), select(self, i))
+    )
+    batched = engine.generate(PROMPTS, params)
+    assert len(drops) >= 2  # the batch shrank more than once
+    lengths = [len(c.token_ids) for cs in batched for c in cs]
+    assert min(lengths) < 4 and max(lengths) > 8  # some ended early, others ran on
+    engine.max_batch = 1
+    alone = engine.generate(PROMPTS, params)
+    for cs_b, cs_a in zip(batched, alone):
+        for b, a in zip(cs_b, cs_a):
+            assert b.token_ids == a.token_ids and b.finish_reason == a.finish_reason
+            torch.testing.assert_close(
+                torch.tensor(b.logprobs), torch.tensor(a.logprobs), rtol=1e-5, atol=1e-5
+            )
+
+
 def test_stop_strings_end_tokens_and_logprobs_too(engine):
     """A stop string ends the completion at the token that completes it: the trained tokens and
     log-probs are those of the rewarded text."""

@@ -73,3 +73,21 @@ def test_report_writes_mean_and_spread_over_seeds(tmp_path):
     (tmp_path / "runs" / "x" / "summary.json").write_text(json.dumps(bad))
     with pytest.raises(RuntimeError, match="2 different base models"):
         study.report(tmp_path, budget, 0)
+
+
+def test_a_copied_base_is_used_only_with_the_recorded_weights(tmp_path, monkeypatch):
+    """The committed base (docs/study/base/hf) is reused without retraining when its weights hash to
+    the recorded one; any other weights stop the study with the folder to restore."""
+    base = tmp_path / "base"
+    (base / "hf").mkdir(parents=True)
+    (base / "hf" / "config.json").write_text("{}")
+    (base / "hf" / "model.safetensors").write_bytes(b"weights")
+    sha = study.weights_sha(base / "hf")
+    (base / "summary.json").write_text(json.dumps({"steps": 200, "sha": sha}))
+    monkeypatch.setattr(study, "hpt_train", lambda *a: pytest.fail("the base must not be retrained"))
+    assert study.train_base(tmp_path, study.Budget()) == base / "hf"
+    (base / "hf" / "model.safetensors").write_bytes(b"other weights")
+    with pytest.raises(
+        RuntimeError, match=r"are not the base the recorded runs started from .*docs/study/base/hf"
+    ):
+        study.train_base(tmp_path, study.Budget())

@@ -420,12 +420,14 @@ def finished(out: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/summary.json"))]
 
 
-def run_specs(out: Path, base: Path, specs: list[RunSpec], budget: Budget, test: Path, desc: str) -> None:
+def run_specs(
+    out: Path, base: Path, specs: list[RunSpec], budget: Budget, test: Path, desc: str, sweep_seed: int
+) -> None:
     from tqdm import tqdm
 
     for spec in tqdm(specs, desc=desc, unit="run"):
         post_train(out, base, spec, budget, test)
-        report(out, budget, spec.seed if desc == "lr sweep" else None)
+        report(out, budget, sweep_seed)  # the learning rates stay chosen on the sweep's seed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -446,9 +448,10 @@ def main(argv: list[str] | None = None) -> int:
         test = write_test_split(args.out, budget)
         base = train_base(args.out, budget)
         base_metrics(args.out, base, budget, test)
-        run_specs(args.out, base, sweep(args.methods, args.lrs, args.seeds[0]), budget, test, "lr sweep")
-        best = choose_lr(group_runs(finished(args.out)), args.seeds[0])
-        run_specs(args.out, base, at_chosen_lr(best, args.methods, args.seeds), budget, test, "seeds")
+        first = args.seeds[0]
+        run_specs(args.out, base, sweep(args.methods, args.lrs, first), budget, test, "lr sweep", first)
+        best = choose_lr(group_runs(finished(args.out)), first)
+        run_specs(args.out, base, at_chosen_lr(best, args.methods, args.seeds), budget, test, "seeds", first)
     print(report(args.out, budget, args.seeds[0]))
     return 0
 

@@ -37,6 +37,17 @@ class Rollout:
     completions: list[list[Completion]] | None = None  # None while still queued
     probe: dict[str, float] = field(default_factory=dict)  # the check of those weights' load
 
+    @classmethod
+    def draw(cls, run, step: int, version: int) -> Rollout:
+        """The step's prompts from the sampler (in step order), still without completions unless
+        the step's algorithm samples none."""
+        indices = next(run.data.sampler)
+        n = run.algo_at(step).gate.rollouts_per_prompt(run.cfg.rollout.n)
+        return cls(step, indices, n, version, completions=None if n else [[] for _ in indices])
+
+    def prompt_ids(self, run) -> list[list[int]]:
+        return [it.prompt_ids for it in run.data.train.batch(self.indices)]
+
     @property
     def staleness(self) -> int:
         return self.step - self.version
@@ -84,14 +95,9 @@ class RolloutsAhead:
 
     def _submit(self, step: int, version: int) -> None:
         run = self.run
-        indices = next(run.data.sampler)
-        n = run.algo_at(step).gate.rollouts_per_prompt(run.cfg.rollout.n)
-        rollout = Rollout(step, indices, n, version)
-        if n:
-            prompts = [it.prompt_ids for it in run.data.train.batch(indices)]
-            run.cluster.submit_generate(step, prompts, self.params(run, n, step))
-        else:
-            rollout.completions = [[] for _ in indices]
+        rollout = Rollout.draw(run, step, version)
+        if rollout.n:
+            run.cluster.submit_generate(step, rollout.prompt_ids(run), self.params(run, rollout.n, step))
         self.queued[step] = rollout
 
     def _collect(self, rollout: Rollout) -> None:

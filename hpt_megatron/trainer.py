@@ -95,15 +95,10 @@ def rollouts(run: Run, step: int) -> Rollout:
         return run.ahead.take(step)
     if step in run.carried:  # generated before the checkpoint this synchronous run resumed from
         return run.carried.pop(step)
-    indices = next(run.data.sampler)
-    n = run.algo_at(step).gate.rollouts_per_prompt(run.cfg.rollout.n)
-    out = Rollout(step, indices, n, version=step)
-    if n:
-        prompts = [it.prompt_ids for it in run.data.train.batch(indices)]
-        out.completions = run.cluster.generate(prompts, sampling_params(run, n, step))
+    out = Rollout.draw(run, step, version=step)
+    if out.n:
+        out.completions = run.cluster.generate(out.prompt_ids(run), sampling_params(run, out.n, step))
         run.cluster.sleep_engines()
-    else:
-        out.completions = [[] for _ in indices]
     return out
 
 

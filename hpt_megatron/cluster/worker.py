@@ -215,7 +215,7 @@ class PolicyWorker:
         score the probe sequence with it. The engine stays unverified (a vLLM engine refuses to
         generate) until the driver has compared that score with the actor's (Cluster.sync_weights)."""
         start = time.perf_counter()
-        buckets = self.actor.export_weights(self.cfg.rollout.bucket_mb * 2**20, dtype=self.sync_dtype)
+        buckets = self._export()
         if self._engine_thread is not None:
             probe = self._on_engine(self._load_and_score, self._snapshot(buckets)).result()
         else:
@@ -228,6 +228,10 @@ class PolicyWorker:
             },
             "probe_logp": probe,
         }
+
+    def _export(self):
+        """The actor's weights as HF-named buckets in the engine's dtype (collective)."""
+        return self.actor.export_weights(self.cfg.rollout.bucket_mb * 2**20, dtype=self.sync_dtype)
 
     def _load_and_score(self, buckets) -> list[float]:
         self.engine.load_weights(buckets, self.manifest)
@@ -291,8 +295,7 @@ class PolicyWorker:
 
         self._require_async("submit_sync")
         start = time.perf_counter()
-        buckets = self.actor.export_weights(self.cfg.rollout.bucket_mb * 2**20, dtype=self.sync_dtype)
-        buckets = self._snapshot(buckets)
+        buckets = self._snapshot(self._export())
         export_s = time.perf_counter() - start
         expected = torch.tensor(actor_probe, dtype=torch.float64)
 
